@@ -1,0 +1,254 @@
+"""Attach, activate, disable, delete, merge and unmerge adapters on any PyTorch model.
+
+The model is changed in place: each selected module is replaced by a wrapper that keeps the original
+module as `base_layer`. What lorafit needs to remember about the model (the config of every named
+adapter and which ones are active) lives in one attribute, `model.lorafit_state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorafit.config import LoraConfig, pattern_key_matches
+from lorafit.errors import LorafitError
+from lorafit.methods import lora
+from lorafit.methods.base import AdapterWrapper
+from lorafit.targeting import select_modules
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class AdapterState:
+    """lorafit's memory of a model: adapter name -> config and module paths, and the active names."""
+
+    configs: dict = field(default_factory=dict)
+    module_paths: dict = field(default_factory=dict)
+    active: list = field(default_factory=list)
+
+
+def state_of(model: nn.Module) -> AdapterState:
+    state = getattr(model, "lorafit_state", None)
+    if not isinstance(state, AdapterState):
+        raise LorafitError(f"{type(model).__name__} has no lorafit adapters; call lorafit.attach(model, config) first")
+    return state
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, AdapterWrapper]]:
+    """(path, wrapper) for every adapted module, in model order."""
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterWrapper):
+            yield path, module
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or not name.isprintable():
+        raise LorafitError(f"adapter name must be a non-empty string without dots, got {name!r}")
+
+
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _adapter_dtype(weight: torch.Tensor, requested: torch.dtype | None) -> torch.dtype:
+    """Adapters train in float32 on half-precision bases: tiny updates vanish in bf16's 8-bit mantissa."""
+    if requested is not None:
+        return requested
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def _unused_pattern_keys(config: LoraConfig, paths: list[str]) -> None:
+    for option in ("rank_pattern", "alpha_pattern", "fused_slices"):
+        for key in getattr(config, option):
+            if not any(pattern_key_matches(key, p) for p in paths):
+                raise LorafitError(
+                    f"{option} key {key!r} matches none of the adapted modules "
+                    f"(e.g. {', '.join(paths[:3])}); it would have no effect"
+                )
+
+
+def attach(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Add adapter `adapter_name` to `model` in place and make it the active, trainable one.
+
+    Everything that is not an adapter parameter is frozen the first time. Returns `model` itself.
+    On any error the model is left as it was.
+    """
+    if not isinstance(config, LoraConfig):
+        raise LorafitError(f"attach needs a LoraConfig, got {type(config).__name__}")
+    _check_adapter_name(adapter_name)
+    state = getattr(model, "lorafit_state", None)
+    if isinstance(state, AdapterState) and adapter_name in state.configs:
+        raise LorafitError(f"the model already has an adapter named {adapter_name!r}; pick another name or delete it")
+
+    paths = select_modules(model, config)
+    _unused_pattern_keys(config, paths)
+    first_attach = not isinstance(state, AdapterState)
+    created: list[str] = []
+    try:
+        for path in paths:
+            module = model.get_submodule(path)
+            if not isinstance(module, AdapterWrapper):
+                module = lora.wrap(module)
+                _replace_module(model, path, module)
+                created.append(path)
+            elif not isinstance(module, (lora.LoraLinear, lora.LoraEmbedding)):
+                raise LorafitError(f"{path} already carries a {type(module).__name__} adapter; one method per module")
+            spec = lora.AdapterSpec(
+                rank=config.rank_for(path),
+                scaling=config.scaling_for(path),
+                dropout=config.dropout,
+                init=config.init,
+                slices=config.slices_for(path),
+            )
+            module.add_adapter(adapter_name, spec, _adapter_dtype(module.weight, dtype), path)
+    except Exception:
+        for path in paths:
+            module = model.get_submodule(path)
+            if isinstance(module, AdapterWrapper):
+                module.delete(adapter_name)
+                if path in created:
+                    _replace_module(model, path, module.base_layer)
+        raise
+
+    if first_attach:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        model.lorafit_state = AdapterState()
+    state = model.lorafit_state
+    state.configs[adapter_name] = config
+    state.module_paths[adapter_name] = paths
+    set_active_adapter(model, adapter_name)
+    return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(state_of(model).configs)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(state_of(model).active)
+
+
+def set_active_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make `names` the adapters that run (their outputs add up); only they are trainable."""
+    state = state_of(model)
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in state.configs:
+            raise LorafitError(f"no adapter named {name!r}; the model has {', '.join(state.configs) or 'none'}")
+    state.active = names
+    for _, wrapper in wrappers(model):
+        wrapper.set_active(names)
+        for dict_name in wrapper.adapter_parameter_dicts:
+            for name, parameter in getattr(wrapper, dict_name).items():
+                parameter.requires_grad_(name in names)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (e.g. a reference model for DPO, or a before/after)."""
+    state_of(model)
+    found = list(wrappers(model))
+    merged = [path for path, w in found if w.merged_adapters]
+    if merged:
+        raise LorafitError(f"adapters are merged into the weights (e.g. {merged[0]}); unmerge before disabling them")
+    previous = [w.adapters_disabled for _, w in found]
+    for _, wrapper in found:
+        wrapper.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for (_, wrapper), was in zip(found, previous):
+            wrapper.adapters_disabled = was
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; modules left without any adapter get their original layer back."""
+    state = state_of(model)
+    if name not in state.configs:
+        raise LorafitError(f"no adapter named {name!r}; the model has {', '.join(state.configs) or 'none'}")
+    for path, wrapper in list(wrappers(model)):
+        if name in wrapper.adapter_names:
+            wrapper.delete(name)
+            if not wrapper.adapter_names:
+                _replace_module(model, path, wrapper.base_layer)
+    del state.configs[name]
+    del state.module_paths[name]
+    state.active = [n for n in state.active if n != name]
+    if not state.configs:
+        del model.lorafit_state
+
+
+def _tied_elsewhere(model: nn.Module, wrapper_path: str, weight: torch.Tensor) -> str | None:
+    for path, module in model.named_modules(remove_duplicate=False):
+        if path.startswith(wrapper_path + "."):
+            continue
+        for param_name, parameter in module.named_parameters(recurse=False):
+            if parameter is weight:
+                return f"{path}.{param_name}" if path else param_name
+    return None
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """W <- W + s·B·A for the given (default: active) adapters; inference then costs what the base costs.
+
+    All modules are checked first: if any merged weight would be NaN/Inf nothing at all is changed.
+    """
+    state = state_of(model)
+    names = list(state.active) if adapter_names is None else list(adapter_names)
+    for name in names:
+        if name not in state.configs:
+            raise LorafitError(f"no adapter named {name!r}; the model has {', '.join(state.configs)}")
+    found = [(p, w) for p, w in wrappers(model) if any(n in w.adapter_names for n in names)]
+    for path, wrapper in found:
+        tied = _tied_elsewhere(model, path, wrapper.base_layer.weight)
+        if tied:
+            raise LorafitError(
+                f"{path}.weight is shared with {tied} (tied embeddings): merging would change both; "
+                "keep this adapter unmerged or untie the weights first"
+            )
+    for path, wrapper in found:
+        wrapper.check_merge([n for n in names if n in wrapper.adapter_names], path)
+    for path, wrapper in found:
+        wrapper.merge([n for n in names if n in wrapper.adapter_names], path)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo every merge: W <- W - s·B·A (exact up to floating-point rounding)."""
+    state_of(model)
+    for path, wrapper in wrappers(model):
+        wrapper.unmerge(path)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and return the plain model: no wrapper left, same size and speed as the base."""
+    merge(model)
+    return _unwrap_all(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the original model, as it was before `attach`."""
+    unmerge(model)
+    return _unwrap_all(model)
+
+
+def _unwrap_all(model: nn.Module) -> nn.Module:
+    for path, wrapper in list(wrappers(model)):
+        _replace_module(model, path, wrapper.base_layer)
+    if hasattr(model, "lorafit_state"):
+        del model.lorafit_state
+    return model
+

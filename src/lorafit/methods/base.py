@@ -1,0 +1,107 @@
+"""What every adapter wrapper shares: the frozen base layer kept intact, named adapters, merge state.
+
+A wrapper replaces one module of the user's model. The original module lives on, untouched, as
+`wrapper.base_layer`, so unloading puts back exactly what was there. Each method (LoRA, IA3, ...)
+subclasses this with its parameters, its forward and how its update folds into the base weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafit.errors import LorafitError
+
+
+class AdapterWrapper(nn.Module):
+    """Base layer + named adapters; subclasses define `forward`, `_merge_one` and `_unmerge_one`."""
+
+    # Names of the nn.ParameterDict attributes that hold per-adapter tensors (set by subclasses).
+    adapter_parameter_dicts: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+
+    # -- bookkeeping shared by every method -------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        first = getattr(self, self.adapter_parameter_dicts[0])
+        return list(first.keys())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads `layer.weight` (e.g. dtype checks) keeps working."""
+        return self.base_layer.weight
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def delete(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise LorafitError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        for dict_name in self.adapter_parameter_dicts:
+            parameters = getattr(self, dict_name)
+            if name in parameters:
+                del parameters[name]
+        self._forget(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _forget(self, name: str) -> None:
+        """Drop per-adapter settings kept outside the parameter dicts (overridden where there are any)."""
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {dict_name: getattr(self, dict_name)[name] for dict_name in self.adapter_parameter_dicts}
+
+    # -- merging ------------------------------------------------------------------------------------
+    # Subclasses say what the base layer's tensors become: {"weight": new tensor, ...}. The shared code
+    # checks the result is finite before anything is written, so a refused merge changes nothing.
+    def _merged_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _unmerged_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def check_merge(self, names: list[str], module_path: str) -> None:
+        """Raise if merging `names` would give a non-finite weight; writes nothing."""
+        for name in names:
+            if name not in self.merged_adapters:
+                self._cast_and_check(self._merged_tensors(name), f"merging adapter {name!r} into {module_path}")
+
+    @torch.no_grad()
+    def merge(self, names: list[str], module_path: str) -> None:
+        """Fold adapters into the base weights; the forward then runs the base layer alone for them."""
+        for name in names:
+            if name in self.merged_adapters:
+                continue
+            self._assign(self._merged_tensors(name), f"merging adapter {name!r} into {module_path}")
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, module_path: str) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            self._assign(self._unmerged_tensors(name), f"unmerging adapter {name!r} from {module_path}")
+            self.merged_adapters.pop()
+
+    def _cast_and_check(self, new_tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """Cast to the base tensors' dtypes (fp16 can overflow here) and refuse anything non-finite."""
+        cast = {}
+        for tensor_name, value in new_tensors.items():
+            value = value.to(getattr(self.base_layer, tensor_name).dtype)
+            if not torch.isfinite(value).all():
+                raise LorafitError(f"{what}.{tensor_name} would give NaN/Inf; refused, no weight was changed")
+            cast[tensor_name] = value
+        return cast
+
+    def _assign(self, new_tensors: dict[str, torch.Tensor], what: str) -> None:
+        for tensor_name, value in self._cast_and_check(new_tensors, what).items():
+            getattr(self.base_layer, tensor_name).copy_(value)
+
+    def extra_repr(self) -> str:
+        merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
+        return f"active={self.active_adapters}{merged}"

@@ -1,0 +1,103 @@
+"""Several named adapters on one model: add, switch, disable, delete, unload."""
+
+import pytest
+import torch
+
+import lorafit
+from lorafit import LoraConfig, LorafitError
+from lorafit.methods.lora import LoraLinear
+from tests.conftest import randomize_adapters, tiny_llama
+
+
+def _two_adapter_model():
+    model = tiny_llama()
+    lorafit.attach(model, LoraConfig(target_modules=["q_proj", "v_proj"]), "first")
+    lorafit.attach(model, LoraConfig(r=4, target_modules=["v_proj", "o_proj"]), "second")
+    randomize_adapters(model)
+    return model
+
+
+def test_attach_returns_the_same_model_and_activates_the_new_adapter():
+    model = tiny_llama()
+    assert lorafit.attach(model, LoraConfig()) is model
+    assert lorafit.adapter_names(model) == ["default"] and lorafit.active_adapters(model) == ["default"]
+
+
+def test_switching_adapters_changes_outputs_and_trainable_parameters(input_ids):
+    model = _two_adapter_model()
+    assert lorafit.active_adapters(model) == ["second"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".second") for n in trainable)
+    with torch.no_grad():
+        second = model(input_ids).logits
+        lorafit.set_active_adapter(model, "first")
+        first = model(input_ids).logits
+        lorafit.set_active_adapter(model, ["first", "second"])
+        both = model(input_ids).logits
+        with lorafit.disable_adapters(model):
+            base = model(input_ids).logits
+        after = model(input_ids).logits
+    assert not torch.allclose(first, second) and not torch.allclose(both, first)
+    assert torch.equal(after, both)  # the context manager restores the adapters
+    with torch.no_grad():
+        assert torch.equal(base, tiny_llama()(input_ids).logits)
+
+
+def test_both_active_adapters_add_up_like_two_merges(input_ids):
+    model = _two_adapter_model()
+    lorafit.set_active_adapter(model, ["first", "second"])
+    with torch.no_grad():
+        unmerged = model(input_ids).logits
+        lorafit.merge(model)
+        assert (model(input_ids).logits - unmerged).abs().max() <= 1e-5
+
+
+def test_delete_restores_modules_left_without_adapters(input_ids):
+    model = _two_adapter_model()
+    lorafit.delete_adapter(model, "second")
+    assert lorafit.adapter_names(model) == ["first"]
+    assert isinstance(model.model.layers[0].self_attn.v_proj, LoraLinear)
+    assert not isinstance(model.model.layers[0].self_attn.o_proj, LoraLinear)
+    assert "second" not in model.model.layers[0].self_attn.v_proj.lora_A
+    lorafit.delete_adapter(model, "first")
+    assert not hasattr(model, "lorafit_state")
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def test_errors_name_the_adapter():
+    model = _two_adapter_model()
+    with pytest.raises(LorafitError, match="already has an adapter named 'first'"):
+        lorafit.attach(model, LoraConfig(), "first")
+    with pytest.raises(LorafitError, match="no adapter named 'third'; the model has first, second"):
+        lorafit.set_active_adapter(model, "third")
+    with pytest.raises(LorafitError, match="no adapter named 'third'"):
+        lorafit.delete_adapter(model, "third")
+    with pytest.raises(LorafitError, match="adapter name must be a non-empty string without dots"):
+        lorafit.attach(model, LoraConfig(), "a.b")
+    with pytest.raises(LorafitError, match="has no lorafit adapters"):
+        lorafit.merge(tiny_llama())
+    lorafit.merge(model)
+    with pytest.raises(LorafitError, match="merged into the weights"):
+        with lorafit.disable_adapters(model):
+            pass
+    with pytest.raises(LorafitError, match="unmerge it before deleting"):
+        lorafit.delete_adapter(model, "second")
+
+
+def test_pattern_keys_that_match_no_adapted_module_are_errors():
+    with pytest.raises(LorafitError, match="rank_pattern key 'o_proj' matches none of the adapted modules"):
+        lorafit.attach(tiny_llama(), LoraConfig(target_modules=["q_proj"], rank_pattern={"o_proj": 2}))
+
+
+def test_unload_gives_back_the_original_modules_even_after_merge(input_ids):
+    model = tiny_llama()
+    original_q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    lorafit.attach(model, LoraConfig())
+    randomize_adapters(model)
+    lorafit.merge(model)
+    lorafit.unload(model)
+    assert model.model.layers[0].self_attn.q_proj is original_q
+    with torch.no_grad():
+        assert (model(input_ids).logits - expected).abs().max() <= 1e-5
