@@ -1,9 +1,12 @@
 """Tiny random models built from configs (no hub): the fixtures every test file shares."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -52,3 +55,43 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.5):
 @pytest.fixture
 def input_ids():
     return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+
+
+def byte_tokenizer(chat_template=None, adds_bos=False, eos=True):
+    """One token per UTF-8 byte, plus <eos> and <bos>: lengths are predictable and decoding is exact."""
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"], vocab["<bos>"] = 256, 257
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 257)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>" if eos else None, bos_token="<bos>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+# ChatML, as SmolLM2 uses: prefix-stable, ends each turn with <eos> then a newline.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<bos>' + message['role'] + '\\n' + message['content'] + '<eos>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<bos>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with a byte-level ChatML tokenizer, saved as a model folder the CLI can load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer(chat_template=CHATML_TEMPLATE)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                         bos_token_id=257, eos_token_id=256, pad_token_id=256, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))

@@ -114,6 +114,7 @@ def attach(
                 slices=config.slices_for(path),
             )
             module.add_adapter(adapter_name, spec, _adapter_dtype(module.weight, dtype), path)
+            module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
     except Exception:
         for path in paths:
             module = model.get_submodule(path)

@@ -331,3 +331,10 @@ def _copy_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
             + (f" (+{len(remaining) - 1} more)" if len(remaining) > 1 else "")
             + ": the model has no adapted module for it; was this adapter made for another base model?"
         )
+
+
+def load_adapter_weights_into(model: nn.Module, folder: str | Path, adapter_name: str) -> None:
+    """Overwrite the tensors of an adapter already attached to `model` (resume from a checkpoint)."""
+    folder = Path(folder)
+    tensors, _ = _read_weights(folder, allow_pickle=False)
+    _copy_weights(model, adapter_name, tensors, folder / WEIGHTS_NAME)

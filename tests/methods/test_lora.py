@@ -300,3 +300,13 @@ def test_property_merge_equals_unmerged_over_target_choices(targets, rank, layer
         unmerged = model(ids).logits
         lorafit.merge(model)
         assert (model(ids).logits - unmerged).abs().max().item() <= 1e-5
+
+
+def test_adapters_attached_to_a_model_in_eval_mode_run_without_dropout(input_ids):
+    model = tiny_llama().eval()
+    lorafit.attach(model, LoraConfig(target_modules=["q_proj", "v_proj"], dropout=0.5))
+    randomize_adapters(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, model(input_ids).logits)
+    model.train()
+    assert model.model.layers[0].self_attn.q_proj.lora_dropout["default"].training

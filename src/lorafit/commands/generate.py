@@ -1,0 +1,63 @@
+"""`lorafit generate`: answer one prompt with a model (and adapter), streaming tokens as they come."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import tyro
+from transformers import TextStreamer
+
+from lorafit.commands.common import load_model_with_adapter
+from lorafit.data import encode_prompt
+from lorafit.errors import LorafitError
+
+
+@dataclass
+class GenerateConfig:
+    """Generate a reply to a prompt; the model's chat template is applied."""
+
+    prompt: tyro.conf.Positional[str]
+    """The user message."""
+    model: Optional[str] = None
+    """Model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
+    adapter: Optional[str] = None
+    """Adapter folder (lorafit or peft) to apply on top."""
+    system: Optional[str] = None
+    """A system message (default: the template's own)."""
+    max_new_tokens: int = 128
+    """Longest reply in tokens."""
+    temperature: float = 0.0
+    """0 for greedy decoding; > 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold when sampling."""
+    seed: int = 0
+    """Sampling seed."""
+    dtype: Optional[str] = None
+    """Model dtype (default float32)."""
+    allow_pickle: bool = False
+    """Allow pickle (.bin) weights."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the model folder."""
+
+
+def run(config: GenerateConfig, echo=print) -> str:
+    if config.max_new_tokens < 1 or config.temperature < 0 or not 0 < config.top_p <= 1:
+        raise LorafitError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    model, tokenizer = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
+                                               allow_pickle=config.allow_pickle,
+                                               trust_remote_code=config.trust_remote_code)
+    messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
+        {"role": "user", "content": config.prompt}]
+    input_ids = torch.tensor([encode_prompt(tokenizer, messages)], device=model.device)
+    torch.manual_seed(config.seed)
+    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p} \
+        if config.temperature > 0 else {"do_sample": False}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=config.max_new_tokens, streamer=streamer,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                **sampling)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)

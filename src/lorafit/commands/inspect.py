@@ -1,0 +1,81 @@
+"""`lorafit inspect`: a model's adaptable modules, which ones the targets select, and the counts.
+
+Works from a config.json alone: the model is built on the meta device (shapes, no memory), so a
+70B configuration is inspected as fast as a small one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+from lorafit.accounting import report
+from lorafit.adapters import attach
+from lorafit.commands.train import _targets
+from lorafit.config import LoraConfig
+from lorafit.errors import LorafitError
+from lorafit.models import build_on_meta, load_config, resolve_model_folder
+from lorafit.targeting import adaptable_types, select_modules
+
+
+@dataclass
+class InspectConfig:
+    """Show which modules LoRA would adapt and how many parameters that adds."""
+
+    model: Optional[str] = None
+    """Model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
+    config: Optional[str] = None
+    """A config.json instead of a model (nothing is loaded but the shapes)."""
+    targets: Optional[str] = None
+    """Comma-separated module names, 'all-linear' or a regex (default: the architecture's usual choice)."""
+    r: int = 8
+    """LoRA rank."""
+    layers: Optional[str] = None
+    """Comma-separated block indices to adapt (default: all)."""
+    all: bool = False
+    """List every module path instead of one line per module name."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the model folder."""
+
+
+def _shape(module) -> str:
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":
+        return f"{weight.shape[0]}→{weight.shape[1]}"
+    if type(module).__name__ == "Embedding":
+        return f"{weight.shape[0]}×{weight.shape[1]}"
+    return f"{weight.shape[1]}→{weight.shape[0]}"
+
+
+def run(config: InspectConfig, echo=print) -> str:
+    if config.model and config.config:
+        raise LorafitError("give --model or --config, not both")
+    source = config.config or resolve_model_folder(config.model)
+    model_config = load_config(source, trust_remote_code=config.trust_remote_code)
+    model = build_on_meta(model_config, trust_remote_code=config.trust_remote_code)
+    try:
+        layers = [int(i) for i in config.layers.split(",")] if config.layers else None
+    except ValueError:
+        raise LorafitError(f"--layers must be comma-separated integers, got {config.layers!r}") from None
+    lora = LoraConfig(r=config.r, target_modules=_targets(config.targets), layers=layers)
+    selected = set(select_modules(model, lora))
+    modules = [(path, m) for path, m in model.named_modules() if isinstance(m, adaptable_types())]
+
+    lines = [f"{type(model).__name__} ({model_config.model_type}) from {source}"]
+    if config.all:
+        lines += [f"  {'*' if path in selected else ' '} {path:<60} {type(m).__name__:<10} {_shape(m)}"
+                  for path, m in modules]
+    else:
+        groups: OrderedDict = OrderedDict()
+        for path, module in modules:
+            key = (path.rsplit(".", 1)[-1], type(module).__name__, _shape(module), path in selected)
+            groups[key] = groups.get(key, 0) + 1
+        lines.append(f"  {'module':<20}{'type':<12}{'shape':<16}{'count':>6}  selected")
+        for (name, kind, shape, chosen), count in groups.items():
+            lines.append(f"  {name:<20}{kind:<12}{shape:<16}{count:>6}  {'yes' if chosen else ''}")
+    attach(model, lora)
+    lines.append(f"LoRA r={config.r} on {len(selected)} modules: {report(model)}")
+    text = "\n".join(lines)
+    echo(text)
+    return text

@@ -1,0 +1,244 @@
+"""The training loop: one function, read top to bottom. No trainer framework.
+
+AdamW over the trainable (adapter) parameters, linear warm-up then cosine decay, gradient clipping,
+gradient accumulation with the loss weighted by label tokens across the whole optimizer step,
+packed batches, a JSONL log of every step, periodic evaluation, atomic checkpoints, exact resume,
+and a clean stop on SIGINT/SIGTERM (finish the step, checkpoint, say how to resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from lorafit.errors import LorafitError
+from lorafit.train.batching import collate_packed, collate_padded, packing_is_exact, plan_batches
+from lorafit.train.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
+from lorafit.train.loss import summed_token_loss
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs to know; the CLI's TrainConfig fills it."""
+
+    steps: int
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    row_tokens: int = 2048  # packed row capacity
+    gradient_checkpointing: bool = False
+    on_nonfinite: str = "stop"  # or "skip"
+    b_lr_ratio: float = 1.0  # LoRA+: B's learning rate = ratio × A's
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    losses: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+    real_tokens: int = 0
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step, checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _parameter_groups(model, settings: LoopSettings) -> tuple[list[dict], list[str]]:
+    """Trainable parameters in a stable named order; LoRA+ puts lora_B in its own group."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise LorafitError("no trainable parameters: attach an adapter before training")
+    if settings.b_lr_ratio == 1.0:
+        return [{"params": [p for _, p in named], "lr": settings.lr}], [n for n, _ in named]
+    is_b = {n for n, _ in named if ".lora_B." in n or ".lora_embedding_B." in n}
+    b_named = [(n, p) for n, p in named if n in is_b]
+    other = [(n, p) for n, p in named if n not in is_b]
+    groups = [{"params": [p for _, p in other], "lr": settings.lr},
+              {"params": [p for _, p in b_named], "lr": settings.lr * settings.b_lr_ratio}]
+    return groups, [n for n, _ in other] + [n for n, _ in b_named]
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (adapters stay fp32); plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _micro_batches(lengths: list[int], settings: LoopSettings, position: Position):
+    """Endless stream of (epoch, index-in-epoch, example indices), starting at `position`."""
+    epoch, batch = position.epoch, position.batch
+    while True:
+        plan = plan_batches(lengths, settings.batch_size, settings.seed, epoch)
+        for index in range(batch, len(plan)):
+            yield epoch, index, plan[index]
+        epoch, batch = epoch + 1, 0
+
+
+def train(
+    model,
+    examples: list,
+    settings: LoopSettings,
+    run_dir: Path,
+    *,
+    pad_id: int,
+    vocab_size: int,
+    adapter_name: str = "default",
+    evaluate: Callable[[], dict] | None = None,
+    resume: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train the model's trainable parameters on tokenised `examples`; checkpoints go to run_dir/checkpoints."""
+    device = next(model.parameters()).device
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+
+    groups, parameter_names = _parameter_groups(model, settings)
+    parameters = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed = packing_is_exact(model, vocab_size)
+    collate = (lambda batch: collate_packed(batch, pad_id, settings.row_tokens)) if packed else (
+        lambda batch: collate_padded(batch, pad_id))
+    echo(f"batches: {'packed (no padding, examples kept apart)' if packed else 'padded to the longest row'}")
+
+    checkpoints = run_dir / "checkpoints"
+    position = Position()
+    if resume is not None:
+        position = load_checkpoint(resume, model, adapter_name, optimizer, scheduler, parameter_names)
+        echo(f"resumed from {resume} at step {position.step}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "log.jsonl"
+    _truncate_log(log_path, position.step)
+
+    stream = _micro_batches([len(e.input_ids) for e in examples], settings, position)
+    result = TrainResult(steps_done=position.step)
+    model.train()
+    started = time.perf_counter()
+    bar = tqdm(total=settings.steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True)
+    with _StopRequest() as stop, log_path.open("a", encoding="utf-8") as log:
+        while position.step < settings.steps:
+            step_started = time.perf_counter()
+            micro = []
+            for _ in range(settings.grad_accum):
+                epoch, index, indices = next(stream)
+                micro.append(collate([examples[i] for i in indices]).to(device))
+                position.epoch, position.batch = epoch, index + 1
+            label_tokens = sum(b.label_tokens for b in micro)
+            real_tokens = sum(b.real_tokens for b in micro)
+
+            loss_sum = 0.0
+            for batch in micro:
+                with _autocast(device):
+                    loss = summed_token_loss(model, batch)
+                (loss / label_tokens).backward()  # every label token weighs the same across the step
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm).item()
+            step_loss = loss_sum / label_tokens
+
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                what = f"step {position.step + 1}: loss {step_loss}, gradient norm {grad_norm}"
+                if settings.on_nonfinite == "skip":
+                    echo(f"skipped {what}")
+                    position.step += 1
+                    with warnings.catch_warnings():  # the schedule follows steps, taken or skipped
+                        warnings.simplefilter("ignore", UserWarning)
+                        scheduler.step()
+                    bar.update(1)
+                    continue
+                last = list_checkpoints(checkpoints)
+                raise LorafitError(f"non-finite {what}; stopped. Last good checkpoint: "
+                                   f"{last[-1] if last else 'none'} (lower --lr, or --on-nonfinite skip)")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+
+            seconds = time.perf_counter() - step_started
+            record = {"step": position.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "tokens": real_tokens, "label_tokens": label_tokens,
+                      "tokens_per_s": real_tokens / seconds, "seconds": seconds}
+            result.losses.append(step_loss)
+            result.real_tokens += real_tokens
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{real_tokens / seconds:.0f}")
+            bar.update(1)
+
+            finished = position.step == settings.steps
+            if evaluate is not None and (finished or (settings.eval_every and position.step % settings.eval_every == 0)):
+                model.eval()
+                metrics = evaluate()
+                model.train()
+                record["eval"] = metrics
+                result.evals.append({"step": position.step, **metrics})
+                bar.write(f"step {position.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+            if finished or stop.requested or (settings.save_every and position.step % settings.save_every == 0):
+                saved = save_checkpoint(checkpoints, position, model, adapter_name, optimizer, scheduler,
+                                        parameter_names, settings.keep_checkpoints)
+                if stop.requested:
+                    result.interrupted = True
+                    bar.write(f"interrupted: checkpoint written to {saved}; continue with --resume {saved}")
+                    break
+    bar.close()
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    result.steps_done = position.step
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

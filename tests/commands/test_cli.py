@@ -1,0 +1,136 @@
+"""The `lorafit` command end to end on a tiny model folder: train, eval, generate, merge, inspect."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lorafit.cli import main
+from lorafit.tasks import generate_date_task
+
+
+@pytest.fixture(scope="module")
+def date_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "dates.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in generate_date_task(40, seed=1)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_chat_model, date_data):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    code = main(["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--steps", "6",
+                 "--batch-size", "4", "--lr", "1e-2", "--save-every", "3", "--eval-examples", "4",
+                 "--max-new-tokens", "4", "--eval-every", "3", "--output", str(run)])
+    assert code == 0
+    return run
+
+
+def test_train_writes_adapter_log_plot_metrics_and_config(trained_run, capsys):
+    assert (trained_run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (trained_run / "adapter" / "adapter_config.json").is_file()
+    assert (trained_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    log = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert "eval" in log[2] and "eval" in log[5]
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert set(metrics["after"]) == {"loss", "perplexity", "exact_match"}
+    resolved = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert resolved["steps"] == 6 and resolved["lr"] == 1e-2 and resolved["warmup_steps"] == 0
+
+
+def test_existing_output_is_refused_and_resume_continues(trained_run, tiny_chat_model, date_data, capsys):
+    args = ["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--steps", "6", "--batch-size",
+            "4", "--lr", "1e-2", "--output", str(trained_run)]
+    assert main(args) == 1
+    assert "exists and is not empty; pass --overwrite, or --resume" in capsys.readouterr().err
+    before = load_file(trained_run / "adapter" / "adapter_model.safetensors")
+    assert main(["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--steps", "6",
+                 "--batch-size", "4", "--lr", "1e-2", "--eval-examples", "4", "--max-new-tokens", "4",
+                 "--resume", str(trained_run / "checkpoints" / "step-000003")]) == 0
+    # the resumed run redoes steps 4-6 from the step-3 checkpoint and ends at the same adapter
+    after = load_file(trained_run / "adapter" / "adapter_model.safetensors")
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), (key, (after[key] - value).abs().max())
+
+
+def test_merge_equals_base_plus_adapter(trained_run, tiny_chat_model, tmp_path):
+    import lorafit
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_chat_model), "--adapter", str(trained_run / "adapter"),
+                 "--output", str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    base = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval(), trained_run / "adapter")
+    ids = torch.randint(0, 258, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(ids).logits - base(ids).logits).abs().max() <= 1e-5
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert main(["merge", "--model", str(tiny_chat_model), "--adapter", str(trained_run / "adapter"),
+                 "--output", str(merged_dir)]) == 1  # exists
+
+
+def test_eval_prints_json_metrics(trained_run, tiny_chat_model, date_data, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_chat_model), "--adapter", str(trained_run / "adapter"),
+                 "--data", str(date_data), "--json", "--eval-examples", "3", "--max-new-tokens", "4"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(metrics) == {"loss", "perplexity", "exact_match", "examples"} and metrics["examples"] == 40
+    assert 0 < metrics["loss"] < 10 and abs(metrics["perplexity"] - 2.718281828 ** metrics["loss"]) < 1e-3
+    assert 0 <= metrics["exact_match"] <= 1
+
+
+def test_generate_streams_a_reply(trained_run, tiny_chat_model, capsys):
+    assert main(["generate", "--model", str(tiny_chat_model), "--adapter", str(trained_run / "adapter"),
+                 "--max-new-tokens", "5", "March 5, 2021"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_yaml_config_sets_defaults_that_flags_override(tmp_path, tiny_chat_model, date_data):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_chat_model), "data": str(date_data), "steps": 2,
+                                      "batch-size": 4, "lr": 0.01, "r": 4, "eval_examples": 2,
+                                      "max_new_tokens": 2}))
+    assert main(["train", "--config", str(config), "--r", "2", "--output", str(tmp_path / "run")]) == 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["r"] == 2 and resolved["steps"] == 2 and resolved["batch_size"] == 4
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"stepz": 3}, "unknown setting 'stepz' (did you mean steps?)"),
+    ({"steps": "many"}, "steps = 'many' does not fit its type"),
+    ("steps: [1,\n", "line 2: invalid YAML"),
+    ([1, 2], "expected a mapping of settings, got list"),
+])
+def test_bad_yaml_is_one_clear_line(tmp_path, capsys, content, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    assert main(["train", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and str(config) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--r", "0"], "--r must be >= 1"),
+    (["train", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "--steps", "0"], "--steps must be > 0"),
+    (["train", "--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["train", "--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+    (["trian"], "unknown command 'trian' (did you mean train?)"),
+])
+def test_bad_arguments_exit_non_zero_with_one_line(capsys, args, message):
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_inspect_counts_the_seed_llama_7b_figures(capsys):
+    assert main(["inspect", "--config", "tests/data/llama-7b-config.json", "--targets", "q_proj,v_proj"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable 4,194,304 / 6,742,609,920 (0.062%) · base 6,738,415,616" in out
+    assert "q_proj              Linear      4096→4096           32  yes" in out

@@ -1,0 +1,133 @@
+"""The training loop: determinism, exact resume, token-weighted accumulation, guards, interrupts."""
+
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import lorafit
+from lorafit import LoraConfig, LorafitError
+from lorafit.train.batching import IGNORE
+from lorafit.train.checkpoint import list_checkpoints
+from lorafit.train.loop import LoopSettings, train
+from tests.conftest import tiny_llama
+
+
+@dataclass
+class Example:
+    input_ids: list
+    labels: list
+
+
+def _examples(count=24, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        length = int(torch.randint(4, 16, (1,), generator=generator))
+        ids = torch.randint(1, 64, (length,), generator=generator).tolist()
+        examples.append(Example(ids, [IGNORE] * (length // 2) + ids[length // 2:]))
+    return examples
+
+
+def _model(dropout=0.1):
+    model = tiny_llama()
+    torch.manual_seed(0)
+    lorafit.attach(model, LoraConfig(r=4, dropout=dropout, target_modules="all-linear"))
+    return model
+
+
+def _train(tmp_path, steps=8, resume=None, model=None, examples=None, **settings):
+    model = model or _model()
+    settings = LoopSettings(**{"steps": steps, "batch_size": 4, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
+                               "save_every": 3, **settings})
+    result = train(model, examples or _examples(), settings, tmp_path, pad_id=0, vocab_size=64, resume=resume,
+                   echo=lambda _: None)
+    return result, model
+
+
+def _adapter(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def test_same_seed_same_losses_and_the_loss_goes_down(tmp_path):
+    first, _ = _train(tmp_path / "a", steps=12)
+    second, _ = _train(tmp_path / "b", steps=12)
+    assert first.losses == second.losses
+    assert sum(first.losses[-3:]) < sum(first.losses[:3])
+
+
+def test_resume_is_exact_bit_for_bit(tmp_path):
+    full, full_model = _train(tmp_path / "full")
+    _train(tmp_path / "cut", steps=8)  # writes checkpoints at 3, 6 and 8
+    checkpoints = list_checkpoints(tmp_path / "cut" / "checkpoints")
+    assert [c.name for c in checkpoints] == ["step-000006", "step-000008"]  # keep_checkpoints=2
+    resumed, resumed_model = _train(tmp_path / "cut", resume=checkpoints[0])
+    assert resumed.losses == full.losses[6:]
+    for name, value in _adapter(full_model).items():
+        assert torch.equal(value, _adapter(resumed_model)[name]), name
+    steps_logged = [int(line.split('"step": ')[1].split(",")[0])
+                    for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, 9))  # the redone steps replaced the old lines
+
+
+def test_accumulation_weights_every_label_token_equally(tmp_path):
+    # 4 examples of very different label counts: one step of batch 4 == one step of 2 x 2 accumulated
+    examples = [Example(list(range(1, 11)), [IGNORE] * 9 + [10]), Example(list(range(5, 25)), list(range(5, 25))),
+                Example(list(range(2, 8)), [IGNORE, 3, 4, 5, 6, 7]), Example(list(range(9, 13)), [IGNORE] * 3 + [12])]
+    big = _model(dropout=0.0)
+    _train(tmp_path / "big", steps=1, model=big, examples=examples, batch_size=4, grad_accum=1, warmup_steps=0)
+    small = _model(dropout=0.0)
+    _train(tmp_path / "small", steps=1, model=small, examples=examples, batch_size=2, grad_accum=2, warmup_steps=0)
+    for name, value in _adapter(big).items():
+        torch.testing.assert_close(_adapter(small)[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_plus_gives_b_its_own_learning_rate(tmp_path):
+    from lorafit.train.loop import _parameter_groups
+
+    groups, names = _parameter_groups(_model(), LoopSettings(steps=1, lr=1e-3, b_lr_ratio=16))
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3]
+    assert all(".lora_B." in n for n in names[len(groups[0]["params"]):])
+
+
+def test_a_nan_loss_stops_with_the_step_number_or_is_skipped(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B["default"].fill_(float("nan"))
+    with pytest.raises(LorafitError, match="non-finite step 1: loss nan"):
+        _train(tmp_path / "stop", model=model)
+    skipped, _ = _train(tmp_path / "skip", steps=2, model=model, on_nonfinite="skip")
+    assert skipped.steps_done == 2 and skipped.losses == []
+
+
+def test_sigint_finishes_the_step_checkpoints_and_resume_completes_exactly(tmp_path):
+    full, full_model = _train(tmp_path / "full", steps=6, save_every=0)
+    calls = []
+
+    def interrupt_at_step_two():
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {}
+
+    model = _model()
+    settings = LoopSettings(steps=6, batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=2, eval_every=1)
+    result = train(model, _examples(), settings, tmp_path / "cut", pad_id=0, vocab_size=64,
+                   evaluate=interrupt_at_step_two, echo=lambda _: None)
+    assert result.interrupted and result.steps_done == 2
+    checkpoint = list_checkpoints(tmp_path / "cut" / "checkpoints")[-1]
+    assert checkpoint.name == "step-000002"
+    resumed, resumed_model = _train(tmp_path / "cut", steps=6, save_every=0, resume=checkpoint)
+    assert resumed.losses == full.losses[2:]
+    for name, value in _adapter(full_model).items():
+        assert torch.equal(value, _adapter(resumed_model)[name])
+
+
+def test_no_trainable_parameters_is_an_error(tmp_path):
+    model = tiny_llama()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    with pytest.raises(LorafitError, match="no trainable parameters"):
+        _train(tmp_path, model=model)
