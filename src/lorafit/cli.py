@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()  # lorafit prints its own progress
     try:
         name, config, runner = parse(argv)
-        runner(config)
+        outcome = runner(config)
     except LorafitError as err:
         if debug:
             raise
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lorafit {argv[0]}: interrupted", file=sys.stderr)
         return 130
+    if isinstance(outcome, dict) and outcome.get("interrupted"):
+        return 130  # stopped by SIGINT/SIGTERM after writing a checkpoint (the loop said how to resume)
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 from lorafit.adapters import merge_and_unload
 from lorafit.commands.common import load_model_with_adapter
 from lorafit.errors import LorafitError
+from lorafit.files import explain_write_errors
 
 
 @dataclass
@@ -45,11 +46,12 @@ def run(config: MergeConfig, echo=print) -> Path:
     temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     try:
-        merged.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(temporary, output)
+        with explain_write_errors(output):
+            merged.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
+            if output.exists():
+                shutil.rmtree(output)
+            os.replace(temporary, output)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     echo(f"merged model saved to {output}")

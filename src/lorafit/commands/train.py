@@ -6,6 +6,7 @@ ISO 8601), held-out exact match and loss printed before and after training.
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 import time
@@ -56,8 +57,8 @@ class TrainConfig:
     """Held-out data file (default: a split of --data)."""
     held_out: float = 0.05
     """Fraction of --data held out for evaluation when --eval-data is not given."""
-    method: Literal["lora"] = "lora"
-    """Adapter method."""
+    method: str = "lora"
+    """Adapter method: lora."""
     r: int = 8
     """LoRA rank."""
     alpha: float = 16.0
@@ -121,7 +122,14 @@ class TrainConfig:
     """Run model code shipped with the model folder."""
 
 
+METHODS = ("lora",)
+
+
 def _check(config: TrainConfig) -> None:
+    if config.method not in METHODS:
+        close = difflib.get_close_matches(config.method, METHODS, n=1)
+        raise LorafitError(f"--method {config.method!r} is unknown" + (f" (did you mean {close[0]}?)" if close else "")
+                           + f"; methods: {', '.join(METHODS)}")
     positive = {"r": config.r, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
                 "max_length": config.max_length, "eval_examples": config.eval_examples,
                 "max_new_tokens": config.max_new_tokens}
@@ -248,7 +256,7 @@ def run(config: TrainConfig, echo=print) -> dict:
     adapter_dir = save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model.name_or_path))
     plot_losses(run_dir / "log.jsonl", run_dir / "loss.png")
     if result.interrupted:
-        return {"interrupted": True, "steps": result.steps_done}
+        return {"interrupted": True, "steps": result.steps_done, "adapter": str(adapter_dir)}
 
     after = held_out_metrics(with_generation=True)
     metrics = {"before": before, "after": after, "steps": result.steps_done, "train_seconds": result.seconds,

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
-from lorafit.files import write_json
+from lorafit.files import explain_write_errors, write_json
 from lorafit.io import load_adapter_weights_into, save_adapter
 
 STATE_NAME = "trainer_state.json"
@@ -77,28 +77,30 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(position.step)
     temporary = folder / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    for stale in folder.glob(f".{PREFIX}*.tmp-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     try:
-        save_adapter(model, temporary, adapter_name)
-        tensors, scalars = _optimizer_tensors(optimizer)
-        save_file(tensors, str(temporary / OPTIMIZER_NAME))
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for index, state in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{index}"] = state
-        save_file(rng, str(temporary / RNG_NAME))
-        python_rng = random.getstate()
-        write_json(temporary / STATE_NAME, {
-            "position": asdict(position),
-            "parameter_names": parameter_names,
-            "optimizer_param_groups": optimizer.state_dict()["param_groups"],
-            "optimizer_scalars": scalars,
-            "scheduler": scheduler.state_dict(),
-            "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
-        })
-        if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        with explain_write_errors(final):
+            save_adapter(model, temporary, adapter_name)
+            tensors, scalars = _optimizer_tensors(optimizer)
+            save_file(tensors, str(temporary / OPTIMIZER_NAME))
+            rng = {"torch_cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                for index, state in enumerate(torch.cuda.get_rng_state_all()):
+                    rng[f"torch_cuda_{index}"] = state
+            save_file(rng, str(temporary / RNG_NAME))
+            python_rng = random.getstate()
+            write_json(temporary / STATE_NAME, {
+                "position": asdict(position),
+                "parameter_names": parameter_names,
+                "optimizer_param_groups": optimizer.state_dict()["param_groups"],
+                "optimizer_scalars": scalars,
+                "scheduler": scheduler.state_dict(),
+                "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
+            })
+            if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
+                shutil.rmtree(final)
+            os.replace(temporary, final)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:

@@ -160,7 +160,7 @@ def train(
     model.train()
     started = time.perf_counter()
     bar = tqdm(total=settings.steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True)
-    with _StopRequest() as stop, log_path.open("a", encoding="utf-8") as log:
+    with _StopRequest() as stop, log_path.open("a", encoding="utf-8") as log, bar:
         while position.step < settings.steps:
             step_started = time.perf_counter()
             micro = []
@@ -226,7 +226,6 @@ def train(
                     result.interrupted = True
                     bar.write(f"interrupted: checkpoint written to {saved}; continue with --resume {saved}")
                     break
-    bar.close()
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
