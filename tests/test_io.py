@@ -114,10 +114,10 @@ def test_unknown_peft_type_and_unsupported_features_are_refused(tmp_path):
     _rewrite_config(folder, peft_type="PREFIX_TUNING")
     with pytest.raises(LorafitError, match="peft_type 'PREFIX_TUNING' is not supported"):
         lorafit.load_adapter(tiny_llama(), folder)
-    _rewrite_config(folder, peft_type="LORA", use_dora=True)
-    with pytest.raises(LorafitError, match="use_dora = true is a peft feature lorafit does not support"):
+    _rewrite_config(folder, peft_type="LORA", lora_bias=True)
+    with pytest.raises(LorafitError, match="lora_bias = true is a peft feature lorafit does not support"):
         lorafit.load_adapter(tiny_llama(), folder)
-    _rewrite_config(folder, use_dora=False, r=0)
+    _rewrite_config(folder, lora_bias=False, r=0)
     with pytest.raises(LorafitError, match="adapter_config.json: r must be an integer >= 1"):
         lorafit.load_adapter(tiny_llama(), folder)
 

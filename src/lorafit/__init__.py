@@ -21,13 +21,15 @@ from lorafit.adapters import (  # noqa: E402
     unload,
     unmerge,
 )
-from lorafit.config import ALL_LINEAR, FusedSlices, LoraConfig  # noqa: E402
+from lorafit.config import ALL_LINEAR, BitFitConfig, FusedSlices, IA3Config, LoraConfig  # noqa: E402
 from lorafit.errors import LorafitError  # noqa: E402
 from lorafit.io import load_adapter, save_adapter  # noqa: E402
 
 __all__ = [
     "ALL_LINEAR",
+    "BitFitConfig",
     "FusedSlices",
+    "IA3Config",
     "LoraConfig",
     "LorafitError",
     "ParameterCount",

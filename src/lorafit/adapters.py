@@ -10,17 +10,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 from torch import nn
 
-from lorafit.config import LoraConfig, pattern_key_matches
+from lorafit.config import BitFitConfig, IA3Config, LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.methods import lora
 from lorafit.methods.base import AdapterWrapper
 from lorafit.targeting import select_modules
 
 DEFAULT_ADAPTER = "default"
+AdapterConfig = Union[LoraConfig, IA3Config, BitFitConfig]
 
 
 @dataclass
@@ -64,56 +65,41 @@ def _adapter_dtype(weight: torch.Tensor, requested: torch.dtype | None) -> torch
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-def _unused_pattern_keys(config: LoraConfig, paths: list[str]) -> None:
-    for option in ("rank_pattern", "alpha_pattern", "fused_slices"):
-        for key in getattr(config, option):
-            if not any(pattern_key_matches(key, p) for p in paths):
-                raise LorafitError(
-                    f"{option} key {key!r} matches none of the adapted modules "
-                    f"(e.g. {', '.join(paths[:3])}); it would have no effect"
-                )
-
-
 def attach(
     model: nn.Module,
-    config: LoraConfig,
+    config: AdapterConfig,
     adapter_name: str = DEFAULT_ADAPTER,
     *,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Add adapter `adapter_name` to `model` in place and make it the active, trainable one.
+    """Add adapter `adapter_name` (LoRA, IA3 or BitFit, per the config's type) to `model` in place.
 
-    Everything that is not an adapter parameter is frozen the first time. Returns `model` itself.
-    On any error the model is left as it was.
+    The new adapter becomes the active, trainable one; everything that is not an adapter parameter is
+    frozen the first time. Returns `model` itself. On any error the model is left as it was.
     """
-    if not isinstance(config, LoraConfig):
-        raise LorafitError(f"attach needs a LoraConfig, got {type(config).__name__}")
+    from lorafit.methods import METHODS
+
+    if not isinstance(config, (LoraConfig, IA3Config, BitFitConfig)):
+        raise LorafitError(f"attach needs a LoraConfig, IA3Config or BitFitConfig, got {type(config).__name__}")
+    method = METHODS[config.method]
     _check_adapter_name(adapter_name)
     state = getattr(model, "lorafit_state", None)
     if isinstance(state, AdapterState) and adapter_name in state.configs:
         raise LorafitError(f"the model already has an adapter named {adapter_name!r}; pick another name or delete it")
 
-    paths = select_modules(model, config)
-    _unused_pattern_keys(config, paths)
+    paths = method.select(model, config)
     first_attach = not isinstance(state, AdapterState)
     created: list[str] = []
     try:
         for path in paths:
             module = model.get_submodule(path)
             if not isinstance(module, AdapterWrapper):
-                module = lora.wrap(module)
+                module = method.wrap(module)
                 _replace_module(model, path, module)
                 created.append(path)
-            elif not isinstance(module, (lora.LoraLinear, lora.LoraEmbedding)):
+            elif not isinstance(module, method.WRAPPERS):
                 raise LorafitError(f"{path} already carries a {type(module).__name__} adapter; one method per module")
-            spec = lora.AdapterSpec(
-                rank=config.rank_for(path),
-                scaling=config.scaling_for(path),
-                dropout=config.dropout,
-                init=config.init,
-                slices=config.slices_for(path),
-            )
-            module.add_adapter(adapter_name, spec, _adapter_dtype(module.weight, dtype), path)
+            method.add(module, adapter_name, config, path, _adapter_dtype(module.weight, dtype), model)
             module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
     except Exception:
         for path in paths:
@@ -243,6 +229,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: the original model, as it was before `attach`."""
     unmerge(model)
+    for _, wrapper in wrappers(model):
+        wrapper.restore_base()  # PiSSA changed W to a residual; give back the original
     return _unwrap_all(model)
 
 

@@ -16,7 +16,7 @@ from lorafit.errors import LorafitError
 # The one target spelling that is not a module name: every linear layer except the output head.
 ALL_LINEAR = "all-linear"
 
-LORA_INITS = ("default", "gaussian")
+LORA_INITS = ("default", "gaussian", "pissa")
 
 Targets = Union[list, str, None]
 
@@ -126,6 +126,25 @@ def _check_pattern(name: str, pattern: Any, value_ok, what: str) -> dict:
     return dict(pattern)
 
 
+def _check_selection(config) -> None:
+    """Validate the fields that say *where* adapters go; every method's config has them."""
+    config.target_modules = _check_module_list("target_modules", config.target_modules, allow_all_linear=True)
+    config.exclude_modules = _check_module_list("exclude_modules", config.exclude_modules, allow_all_linear=False)
+    if config.layers is not None:
+        layers = [config.layers] if _is_int(config.layers) else config.layers
+        if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
+            raise LorafitError(f"layers must be a block index or a non-empty list of indices >= 0, got {config.layers!r}")
+        config.layers = sorted(set(layers))
+    if config.layers_pattern is not None:
+        patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+            raise LorafitError(
+                f"layers_pattern must be a name such as 'layers' or a list of names, got {config.layers_pattern!r}")
+        if config.layers is None:
+            raise LorafitError("layers_pattern is set but layers is not; give the block indices to adapt")
+        config.layers_pattern = list(patterns)
+
+
 @dataclass
 class LoraConfig:
     """LoRA (Hu et al. 2021, arXiv:2106.09685): h = W x + (alpha / r) · B A x, with W frozen.
@@ -144,7 +163,10 @@ class LoraConfig:
     rank_pattern / alpha_pattern: per-module r / alpha; a key matches a module whose path equals it or
         ends with "." + key; keys are regexes, as in peft's files ("layers\\.0\\.self_attn\\.q_proj").
     init: "default" (A Kaiming-uniform, B zero) or "gaussian" (A ~ N(0, 1/r²), B zero): either way
-        B·A = 0 so the adapted model equals the base model at step 0.
+        B·A = 0 so the adapted model equals the base model at step 0. "pissa" (Meng et al. 2024,
+        arXiv:2404.02948): A, B from W's top-r singular vectors, W replaced by the residual; saved
+        adapters are converted to a plain LoRA for the untouched base model.
+    use_dora: DoRA (Liu et al. 2024, arXiv:2402.09353), a learned magnitude per output row.
     fused_slices: {module name: FusedSlices} to adapt chosen slices of fused projections only.
     """
 
@@ -159,6 +181,7 @@ class LoraConfig:
     alpha_pattern: dict = field(default_factory=dict)
     use_rslora: bool = False
     init: str = "default"
+    use_dora: bool = False
     fused_slices: dict = field(default_factory=dict)
 
     method = "lora"
@@ -172,20 +195,7 @@ class LoraConfig:
             raise LorafitError(f"alpha must be finite, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise LorafitError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        self.target_modules = _check_module_list("target_modules", self.target_modules, allow_all_linear=True)
-        self.exclude_modules = _check_module_list("exclude_modules", self.exclude_modules, allow_all_linear=False)
-        if self.layers is not None:
-            layers = [self.layers] if _is_int(self.layers) else self.layers
-            if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
-                raise LorafitError(f"layers must be a block index or a non-empty list of indices >= 0, got {self.layers!r}")
-            self.layers = sorted(set(layers))
-        if self.layers_pattern is not None:
-            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
-            if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
-                raise LorafitError(f"layers_pattern must be a name such as 'layers' or a list of names, got {self.layers_pattern!r}")
-            if self.layers is None:
-                raise LorafitError("layers_pattern is set but layers is not; give the block indices to adapt")
-            self.layers_pattern = list(patterns)
+        _check_selection(self)
         self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v >= 1, "an integer rank >= 1")
         self.alpha_pattern = _check_pattern(
             "alpha_pattern",
@@ -197,6 +207,10 @@ class LoraConfig:
             raise LorafitError(f"use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in LORA_INITS:
             raise LorafitError(f"init must be one of {', '.join(LORA_INITS)}; got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise LorafitError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.use_dora and self.init == "pissa":
+            raise LorafitError("use_dora with init='pissa' is not supported; choose one")
         if not isinstance(self.fused_slices, dict):
             raise LorafitError("fused_slices must be a mapping of module name -> FusedSlices")
         slices = {}
@@ -225,6 +239,60 @@ class LoraConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["fused_slices"] = {k: asdict(v) for k, v in self.fused_slices.items()}
         return values
+
+
+@dataclass
+class IA3Config:
+    """IA3 (Liu et al. 2022, arXiv:2205.05638): learned vectors, initialised to ones, rescale activations.
+
+    A target's output is rescaled (l ⊙ W x: keys and values) unless it is also listed in
+    `feedforward_modules`, where its input is rescaled instead (W (l ⊙ h): the feed-forward activation
+    feeding the down projection). None picks the paper's choice for the architecture (Llama: k_proj,
+    v_proj, down_proj with down_proj feed-forward). Selection rules are LoraConfig's.
+    """
+
+    target_modules: Targets = None
+    feedforward_modules: Targets = None
+    exclude_modules: Targets = None
+    layers: Union[list, int, None] = None
+    layers_pattern: Union[str, list, None] = None
+
+    method = "ia3"
+
+    def __post_init__(self) -> None:
+        _check_selection(self)
+        self.feedforward_modules = _check_module_list("feedforward_modules", self.feedforward_modules,
+                                                      allow_all_linear=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class BitFitConfig:
+    """BitFit (Ben Zaken et al. 2021, arXiv:2106.10199): train only the bias terms.
+
+    target_modules None means every Linear, Conv1D and LayerNorm that has a bias; a list picks a subset
+    (the paper's smallest variant: the query and the MLP-intermediate biases, e.g. ["q_proj", "up_proj"]).
+    Models without biases (Llama) have nothing to train unless `add_missing_bias` gives the targets
+    zero-initialised biases (the model starts unchanged).
+    """
+
+    target_modules: Targets = None
+    exclude_modules: Targets = None
+    layers: Union[list, int, None] = None
+    layers_pattern: Union[str, list, None] = None
+    add_missing_bias: bool = False
+
+    method = "bitfit"
+
+    def __post_init__(self) -> None:
+        _check_selection(self)
+        if not isinstance(self.add_missing_bias, bool):
+            raise LorafitError(f"add_missing_bias must be true or false, got {self.add_missing_bias!r}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def pattern_key_matches(key: str, module_path: str) -> bool:

@@ -1,9 +1,11 @@
 """Adapters on disk in peft's format, both directions, so they move freely to peft, vLLM and back.
 
 A folder holds `adapter_config.json` (only keys peft knows) and `adapter_model.safetensors` with keys
-`base_model.model.<module path>.lora_A.weight` (r×in) / `.lora_B.weight` (out×r), and for embeddings
-`.lora_embedding_A` (r×vocab) / `.lora_embedding_B` (dim×r). Loading never unpickles anything unless
-the caller passes `allow_pickle=True`, and every mismatch is an error that names the key.
+`base_model.model.<module path>.<tensor>`: LoRA's `lora_A.weight` (r×in) / `lora_B.weight` (out×r),
+embeddings' `lora_embedding_A` / `lora_embedding_B`, DoRA's `lora_magnitude_vector`, IA3's `ia3_l`.
+BitFit, which peft lacks, uses the same layout with `peft_type: "BITFIT"` and the biases as `<path>.bias`.
+Loading never unpickles anything unless the caller passes `allow_pickle=True`, and every mismatch is
+an error that names the key.
 """
 
 from __future__ import annotations
@@ -21,40 +23,41 @@ from torch import nn
 
 from lorafit import __version__
 from lorafit.adapters import attach, delete_adapter, state_of
-from lorafit.config import FusedSlices, LoraConfig
+from lorafit.config import BitFitConfig, FusedSlices, IA3Config, LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_path, write_json
-from lorafit.methods.lora import LoraEmbedding, LoraLinear
-from lorafit.targeting import select_modules
+from lorafit.methods.lora import LoraEmbedding
+from lorafit.targeting import matches_selection, select_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "BITFIT": "bitfit"}
 
 # adapter_config.json keys peft writes that say nothing about the weights lorafit loads.
 _IGNORED_KEYS = {
     "peft_version", "revision", "auto_mapping", "base_model_name_or_path", "task_type", "inference_mode",
-    "init_lora_weights", "megatron_core", "qalora_group_size", "fan_in_fan_out", "ensure_weight_tying",
+    "init_lora_weights", "init_ia3_weights", "megatron_core", "qalora_group_size", "fan_in_fan_out",
+    "ensure_weight_tying", "lorafit_method",
 }
 # Keys for peft features lorafit does not implement: refused when set, since ignoring them would
 # silently compute something other than what the adapter was trained as.
 _UNSUPPORTED_WHEN_SET = {
-    "use_dora", "lora_bias", "modules_to_save", "layer_replication", "target_parameters",
+    "lora_bias", "modules_to_save", "layer_replication", "target_parameters",
     "trainable_token_indices", "megatron_config", "loftq_config", "eva_config", "corda_config",
     "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config",
     "lora_ga_config", "monteclora_config", "velora_config",
 }
-_LORA_KEYS = {
-    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias",
+_KNOWN_KEYS = {
+    "lora": {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+             "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias",
+             "use_dora"},
+    "ia3": {"peft_type", "target_modules", "feedforward_modules", "exclude_modules"},
+    "bitfit": {"peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+               "add_missing_bias"},
 }
-
-
-def _tensor_names(wrapper: nn.Module) -> tuple[str, str]:
-    if isinstance(wrapper, LoraEmbedding):
-        return "lora_embedding_A", "lora_embedding_B"
-    return "lora_A.weight", "lora_B.weight"
+_REQUIRED_KEYS = {"lora": ("r", "lora_alpha", "target_modules"), "ia3": ("target_modules",), "bitfit": ("target_modules",)}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -70,16 +73,30 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _exported_targets(model: nn.Module, config: LoraConfig, paths: list[str]) -> dict:
-    """target_modules (+ layers) for the file: short names when they reselect exactly `paths`, else full paths."""
-    short = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    exclude = config.exclude_modules
-    candidate = {"target_modules": short, "exclude_modules": exclude,
+def _short_names(paths: list[str]) -> list[str]:
+    return sorted({p.rsplit(".", 1)[-1] for p in paths})
+
+
+def _exported_targets(model: nn.Module, config, paths: list[str], with_layers: bool = True) -> dict:
+    """target_modules (+ layers) for the file: short names when they reselect exactly `paths`, else full paths.
+
+    Reselection uses the same rules as peft, so the file selects the same modules in peft and lorafit.
+    `with_layers=False` is for peft configs without layers_to_transform (IA3): full paths then.
+    """
+    from lorafit.methods.bitfit import bias_types
+
+    if not with_layers:
+        if config.layers is not None:
+            return {"target_modules": list(paths), "exclude_modules": None}
+        exported = _exported_targets(model, config, paths)
+        return {"target_modules": exported["target_modules"], "exclude_modules": exported["exclude_modules"]}
+    short = _short_names(paths)
+    candidate = {"target_modules": short, "exclude_modules": config.exclude_modules,
                  "layers_to_transform": config.layers, "layers_pattern": config.layers_pattern}
     try:
-        check = LoraConfig(target_modules=short, exclude_modules=exclude, layers=config.layers,
+        check = LoraConfig(target_modules=short, exclude_modules=config.exclude_modules, layers=config.layers,
                            layers_pattern=config.layers_pattern)
-        if select_modules(model, check) == paths:
+        if select_modules(model, check, allowed_types=bias_types() + (nn.Embedding,)) == paths:
             return candidate
     except LorafitError:
         pass
@@ -97,65 +114,87 @@ def _single_adapter(model: nn.Module, adapter_name: str | None) -> str:
     return state.active[0]
 
 
+def _lora_file_config(model, config: LoraConfig, paths: list[str], name: str, for_resume: bool) -> tuple[dict, dict]:
+    """peft's LoRA keys; modules whose saved rank differs (slices, PiSSA) get rank/alpha pattern entries."""
+    rank_pattern, alpha_pattern, slices_meta = dict(config.rank_pattern), dict(config.alpha_pattern), {}
+    fan_in_fan_out = False
+    for path in paths:
+        wrapper = model.get_submodule(path)
+        fan_in_fan_out |= wrapper.fan_in_fan_out
+        spec = wrapper.specs[name]
+        rank = wrapper.file_rank(name, for_resume)
+        if rank != spec.rank:  # the same s·B·A with rank r': alpha' keeps alpha'/r' (or alpha'/sqrt(r')) = s
+            key = re.escape(path)
+            rank_pattern = {key: rank, **rank_pattern}
+            alpha_pattern = {key: spec.scaling * rank ** (0.5 if config.use_rslora else 1.0), **alpha_pattern}
+        if spec.slices is not None and not for_resume:
+            slices_meta[path] = {**asdict(spec.slices), "rank": config.rank_for(path), "alpha": config.alpha_for(path)}
+    file_config = {
+        "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        **_exported_targets(model, config, paths),
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
+        # a PiSSA adapter is saved converted to a plain LoRA: peft must not run PiSSA's SVD again on load
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "modules_to_save": None,
+    }
+    metadata = {"lorafit_fused_slices": json.dumps(slices_meta)} if slices_meta else {}
+    return file_config, metadata
+
+
+def _ia3_file_config(model, config: IA3Config, paths: list[str], name: str) -> dict:
+    """peft's IA3 keys. peft wants feedforward_modules a subset of target_modules, string for string."""
+    targets = _exported_targets(model, config, paths, with_layers=False)
+    feedforward_paths = [p for p in paths if model.get_submodule(p).feedforward[name]]
+    feedforward = _short_names(feedforward_paths)
+    reselects = [p for p in paths if matches_selection(feedforward, p)] == feedforward_paths
+    if not reselects or not set(feedforward) <= set(targets["target_modules"]):
+        targets = {"target_modules": list(paths), "exclude_modules": None}
+        feedforward = feedforward_paths
+    return {"peft_type": "IA3", **targets, "feedforward_modules": feedforward,
+            "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in paths),
+            "init_ia3_weights": True, "modules_to_save": None}
+
+
+def _bitfit_file_config(model, config: BitFitConfig, paths: list[str]) -> dict:
+    return {"peft_type": "BITFIT", "lorafit_method": "bitfit", **_exported_targets(model, config, paths),
+            "add_missing_bias": config.add_missing_bias}
+
+
 def save_adapter(
     model: nn.Module,
     folder: str | Path,
     adapter_name: str | None = None,
     *,
     base_model_name_or_path: str | None = None,
+    for_resume: bool = False,
 ) -> Path:
     """Write one adapter (default: the active one) as a peft-format folder; returns the folder.
 
-    Each file is written atomically. A fused-slice adapter is stored as the equivalent full LoRA of
-    rank G·r (B zero outside the slices) so peft and vLLM load it; lorafit reads its slice layout
-    back from the safetensors metadata.
+    Each file is written atomically. Sliced LoRA adapters are stored as the equivalent full LoRA of
+    rank G·r and PiSSA adapters as the rank-2r LoRA that applies to the untouched base model, so peft
+    and vLLM load them. `for_resume` (training checkpoints) stores the raw training state instead.
     """
     name = _single_adapter(model, adapter_name)
     state = state_of(model)
     config, paths = state.configs[name], state.module_paths[name]
     tensors: dict[str, torch.Tensor] = {}
-    rank_pattern, alpha_pattern, slices_meta = dict(config.rank_pattern), dict(config.alpha_pattern), {}
-    fan_in_fan_out = False
     for path in paths:
-        wrapper = model.get_submodule(path)
-        lora_a, lora_b = wrapper.export_tensors(name)
-        a_name, b_name = _tensor_names(wrapper)
-        tensors[f"{KEY_PREFIX}{path}.{a_name}"] = lora_a.detach().to("cpu").contiguous().clone()
-        tensors[f"{KEY_PREFIX}{path}.{b_name}"] = lora_b.detach().to("cpu").contiguous().clone()
-        fan_in_fan_out |= getattr(wrapper, "fan_in_fan_out", False)
-        spec = wrapper.specs[name]
-        if spec.slices is not None:
-            groups = len(spec.slices.adapt)
-            # Same product s·B·A in peft: rank G·r and an alpha that keeps alpha/r (or alpha/sqrt(r)).
-            key = re.escape(path)
-            rank_pattern = {key: groups * spec.rank, **rank_pattern}
-            alpha_pattern = {key: spec.scaling * (groups * spec.rank) ** (0.5 if config.use_rslora else 1.0), **alpha_pattern}
-            slices_meta[path] = {**asdict(spec.slices), "rank": config.rank_for(path), "alpha": config.alpha_for(path)}
+        for suffix, tensor in model.get_submodule(path).file_tensors(name, for_resume).items():
+            tensors[f"{KEY_PREFIX}{path}.{suffix}"] = tensor.detach().to("cpu").contiguous().clone()
 
+    metadata = {"format": "pt", "lorafit_version": __version__}
+    if isinstance(config, LoraConfig):
+        method_config, extra_metadata = _lora_file_config(model, config, paths, name, for_resume)
+        metadata.update(extra_metadata)
+    elif isinstance(config, IA3Config):
+        method_config = _ia3_file_config(model, config, paths, name)
+    else:
+        method_config = _bitfit_file_config(model, config, paths)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": _task_type(model),
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        **_exported_targets(model, config, paths),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": config.use_rslora,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "init_lora_weights": True if config.init == "default" else config.init,
-        "modules_to_save": None,
-        "use_dora": False,
-        "inference_mode": True,
-        "revision": None,
-    }
-    metadata = {"format": "pt", "lorafit_version": __version__}
-    if slices_meta:
-        metadata["lorafit_fused_slices"] = json.dumps(slices_meta)
+    adapter_config = {"task_type": _task_type(model), "base_model_name_or_path": base_model_name_or_path,
+                      **method_config, "inference_mode": True, "revision": None}
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,17 +219,19 @@ def read_adapter_config(folder: Path) -> dict:
     if not isinstance(raw, dict):
         raise LorafitError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
-        raise LorafitError(f"{path}: peft_type {peft_type!r} is not supported (lorafit loads 'LORA' adapters)")
-    for key in ("r", "lora_alpha", "target_modules"):
+    if peft_type not in PEFT_TYPES:
+        raise LorafitError(f"{path}: peft_type {peft_type!r} is not supported (lorafit loads {', '.join(PEFT_TYPES)})")
+    method = PEFT_TYPES[peft_type]
+    for key in _REQUIRED_KEYS[method]:
         if key not in raw:
             raise LorafitError(f"{path}: required key {key!r} is missing")
     for key, value in raw.items():
-        if key in _LORA_KEYS or key in _IGNORED_KEYS:
+        if key in _KNOWN_KEYS[method] or key in _IGNORED_KEYS:
             continue
-        if key in _UNSUPPORTED_WHEN_SET:
+        if key in _UNSUPPORTED_WHEN_SET or key in _KNOWN_KEYS["lora"]:
             if value not in (None, False, {}, [], ""):
-                raise LorafitError(f"{path}: {key} = {json.dumps(value)} is a peft feature lorafit does not support")
+                raise LorafitError(f"{path}: {key} = {json.dumps(value)} is a peft feature lorafit does not support"
+                                   + ("" if method == "lora" else f" for {peft_type}"))
         elif value not in (None, False, {}, [], ""):
             warnings.warn(f"{path}: unknown key {key!r} ignored", stacklevel=3)
     if raw.get("bias", "none") != "none":
@@ -198,19 +239,21 @@ def read_adapter_config(folder: Path) -> dict:
     return raw
 
 
-def config_from_peft(raw: dict, where: Path) -> LoraConfig:
+def config_from_file(raw: dict, where: Path):
+    """The lorafit config an adapter_config.json describes."""
+    method = PEFT_TYPES[raw["peft_type"]]
+    selection = {"target_modules": raw["target_modules"], "exclude_modules": raw.get("exclude_modules"),
+                 "layers": raw.get("layers_to_transform"),
+                 "layers_pattern": raw.get("layers_pattern") if raw.get("layers_to_transform") is not None else None}
     try:
+        if method == "ia3":
+            return IA3Config(**selection, feedforward_modules=raw.get("feedforward_modules"))
+        if method == "bitfit":
+            return BitFitConfig(**selection, add_missing_bias=bool(raw.get("add_missing_bias", False)))
         return LoraConfig(
-            r=raw["r"],
-            alpha=raw["lora_alpha"],
-            dropout=raw.get("lora_dropout") or 0.0,
-            target_modules=raw["target_modules"],
-            exclude_modules=raw.get("exclude_modules"),
-            layers=raw.get("layers_to_transform"),
-            layers_pattern=raw.get("layers_pattern") if raw.get("layers_to_transform") is not None else None,
-            rank_pattern=raw.get("rank_pattern") or {},
-            alpha_pattern=raw.get("alpha_pattern") or {},
-            use_rslora=bool(raw.get("use_rslora", False)),
+            r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout") or 0.0, **selection,
+            rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
+            use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
         )
     except LorafitError as err:
         raise LorafitError(f"{where / CONFIG_NAME}: {err}") from None
@@ -239,14 +282,14 @@ def _read_weights(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Ten
 def _apply_slice_metadata(config: LoraConfig, metadata: dict, where: Path) -> LoraConfig:
     """Give back fused-slice adapters their packed form, from what save_adapter put in the metadata."""
     text = metadata.get("lorafit_fused_slices")
-    if not text:
+    if not text or not isinstance(config, LoraConfig):
         return config
     try:
         layout = json.loads(text)
         slices = {re.escape(p): FusedSlices(v["names"], v["sizes"], v["adapt"]) for p, v in layout.items()}
         ranks = {re.escape(p): v["rank"] for p, v in layout.items()}
         alphas = {re.escape(p): v["alpha"] for p, v in layout.items()}
-    except (ValueError, KeyError, TypeError, LorafitError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, LorafitError) as err:
         raise LorafitError(f"{where / WEIGHTS_NAME}: unreadable lorafit_fused_slices metadata ({err})") from None
     rank_pattern = {**ranks, **{k: v for k, v in config.rank_pattern.items() if k not in ranks}}
     alpha_pattern = {**alphas, **{k: v for k, v in config.alpha_pattern.items() if k not in alphas}}
@@ -274,16 +317,16 @@ def load_adapter(
         raise LorafitError(f"{folder} is a file; give the adapter folder (with {CONFIG_NAME})")
     raw = read_adapter_config(folder)
     tensors, metadata = _read_weights(folder, allow_pickle)
-    config = _apply_slice_metadata(config_from_peft(raw, folder), metadata, folder)
+    config = _apply_slice_metadata(config_from_file(raw, folder), metadata, folder)
     if not tensors:
         raise LorafitError(f"{folder / WEIGHTS_NAME} holds no tensors")
     for key in tensors:
         if not key.startswith(KEY_PREFIX):
-            raise LorafitError(f"{folder / WEIGHTS_NAME}: key {key!r} does not start with {KEY_PREFIX!r} (not a peft LoRA file)")
+            raise LorafitError(f"{folder / WEIGHTS_NAME}: key {key!r} does not start with {KEY_PREFIX!r} (not a peft file)")
 
     attach(model, config, adapter_name)
     try:
-        _copy_weights(model, adapter_name, tensors, folder / WEIGHTS_NAME)
+        _copy_weights(model, adapter_name, tensors, folder / WEIGHTS_NAME, for_resume=False)
     except Exception:
         delete_adapter(model, adapter_name)
         raise
@@ -293,37 +336,39 @@ def load_adapter(
     return model
 
 
-def _copy_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: Path) -> None:
+def load_adapter_weights_into(model: nn.Module, folder: str | Path, adapter_name: str) -> None:
+    """Overwrite an attached adapter's tensors with a checkpoint's (saved with for_resume=True)."""
+    folder = Path(folder)
+    tensors, _ = _read_weights(folder, allow_pickle=False)
+    _copy_weights(model, adapter_name, tensors, folder / WEIGHTS_NAME, for_resume=True)
+
+
+def _copy_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: Path, for_resume: bool) -> None:
     remaining = dict(tensors)
     for path in state_of(model).module_paths[name]:
         wrapper = model.get_submodule(path)
-        a_name, b_name = _tensor_names(wrapper)
-        found = []
-        for tensor_name in (a_name, b_name):
-            key = f"{KEY_PREFIX}{path}.{tensor_name}"
+        found = {}
+        for suffix, want in wrapper.expected_file_shapes(name, for_resume).items():
+            key = f"{KEY_PREFIX}{path}.{suffix}"
             if key not in remaining:
                 raise LorafitError(f"{where}: missing key {key!r} (the adapter does not cover module {path})")
-            found.append(remaining.pop(key))
-        lora_a, lora_b = found
-        want_a = (wrapper.export_rank(name), wrapper.in_features if isinstance(wrapper, LoraLinear) else wrapper.num_embeddings)
-        want_b = (wrapper.out_features if isinstance(wrapper, LoraLinear) else wrapper.embedding_dim, wrapper.export_rank(name))
-        for key_name, tensor, want in ((a_name, lora_a, want_a), (b_name, lora_b, want_b)):
+            tensor = remaining.pop(key)
             if tuple(tensor.shape) != want:
                 raise LorafitError(
-                    f"{where}: {KEY_PREFIX}{path}.{key_name} has shape {tuple(tensor.shape)} but module {path} "
-                    f"needs {want}; was this adapter made for another base model?"
+                    f"{where}: {key} has shape {tuple(tensor.shape)} but module {path} needs {want}; "
+                    "was this adapter made for another base model?"
                 )
+            found[suffix] = tensor
         # peft stores a targeted embedding's (possibly resized/trained) base weight beside the adapter.
         base_key = f"{KEY_PREFIX}{path}.base_layer.weight"
-        if base_key in remaining:
+        if isinstance(wrapper, LoraEmbedding) and base_key in remaining:
             base_weight = remaining.pop(base_key)
             if tuple(base_weight.shape) != tuple(wrapper.base_layer.weight.shape):
                 raise LorafitError(f"{where}: {base_key} has shape {tuple(base_weight.shape)}, the model's is "
                                    f"{tuple(wrapper.base_layer.weight.shape)}")
             with torch.no_grad():
                 wrapper.base_layer.weight.copy_(base_weight)
-        dtype = wrapper.adapter_tensors(name)[wrapper.adapter_parameter_dicts[0]].dtype
-        wrapper.import_tensors(name, lora_a.to(dtype), lora_b.to(dtype), f"{where}: {path}")
+        wrapper.load_file_tensors(name, found, f"{where}: {path}", for_resume)
     if remaining:
         key = sorted(remaining)[0]
         raise LorafitError(
@@ -331,10 +376,3 @@ def _copy_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
             + (f" (+{len(remaining) - 1} more)" if len(remaining) > 1 else "")
             + ": the model has no adapted module for it; was this adapter made for another base model?"
         )
-
-
-def load_adapter_weights_into(model: nn.Module, folder: str | Path, adapter_name: str) -> None:
-    """Overwrite the tensors of an adapter already attached to `model` (resume from a checkpoint)."""
-    folder = Path(folder)
-    tensors, _ = _read_weights(folder, allow_pickle=False)
-    _copy_weights(model, adapter_name, tensors, folder / WEIGHTS_NAME)

@@ -18,7 +18,7 @@ import torch
 
 from lorafit.accounting import report
 from lorafit.adapters import attach
-from lorafit.config import ALL_LINEAR, LoraConfig
+from lorafit.config import ALL_LINEAR, BitFitConfig, IA3Config, LoraConfig
 from lorafit.data import build_dataset, load_examples, render_example, split_examples
 from lorafit.errors import LorafitError
 from lorafit.evaluate import evaluate_loss, exact_match_accuracy
@@ -58,7 +58,7 @@ class TrainConfig:
     held_out: float = 0.05
     """Fraction of --data held out for evaluation when --eval-data is not given."""
     method: str = "lora"
-    """Adapter method: lora."""
+    """Adapter method: lora, dora, ia3 or bitfit."""
     r: int = 8
     """LoRA rank."""
     alpha: float = 16.0
@@ -70,6 +70,14 @@ class TrainConfig:
     q_proj,v_proj for Llama)."""
     use_rslora: bool = False
     """Scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r."""
+    init: Literal["default", "gaussian", "pissa"] = "default"
+    """LoRA/DoRA initialisation; pissa starts from the weights' top singular vectors."""
+    lora_plus_ratio: float = 1.0
+    """LoRA+: lora_B's learning rate is this times lora_A's (the paper suggests 16; 1 is plain LoRA)."""
+    feedforward_targets: Optional[str] = None
+    """IA3: comma-separated targets whose input is scaled (default: the architecture's, down_proj for Llama)."""
+    add_missing_bias: bool = False
+    """BitFit: give targets without a bias a zero-initialised one (Llama has none)."""
     steps: Optional[int] = None
     """Optimizer steps (default: one epoch; the built-in task uses its preset)."""
     epochs: Optional[float] = None
@@ -122,7 +130,7 @@ class TrainConfig:
     """Run model code shipped with the model folder."""
 
 
-METHODS = ("lora",)
+METHODS = ("lora", "dora", "ia3", "bitfit")
 
 
 def _check(config: TrainConfig) -> None:
@@ -136,6 +144,8 @@ def _check(config: TrainConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise LorafitError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if config.lora_plus_ratio <= 0:
+        raise LorafitError(f"--lora-plus-ratio must be > 0, got {config.lora_plus_ratio}")
     for name in ("steps", "epochs", "lr"):
         value = getattr(config, name)
         if value is not None and not value > 0:
@@ -156,6 +166,17 @@ def _targets(text: Optional[str]):
     if any(ch in text for ch in "*()[]|\\^$+?"):
         return text  # a regex over full module paths
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def adapter_config(config: TrainConfig):
+    """The library config that --method and its flags describe."""
+    targets = _targets(config.targets)
+    if config.method == "ia3":
+        return IA3Config(target_modules=targets, feedforward_modules=_targets(config.feedforward_targets))
+    if config.method == "bitfit":
+        return BitFitConfig(target_modules=targets, add_missing_bias=config.add_missing_bias)
+    return LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=targets,
+                      use_rslora=config.use_rslora, init=config.init, use_dora=config.method == "dora")
 
 
 def _run_folder(config: TrainConfig) -> tuple[Path, Optional[Path]]:
@@ -239,9 +260,7 @@ def run(config: TrainConfig, echo=print) -> dict:
         echo("held-out before training: " + _format(before))
 
     torch.manual_seed(config.seed)  # adapter initialisation
-    lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=_targets(config.targets),
-                      use_rslora=config.use_rslora)
-    attach(model, lora)
+    attach(model, adapter_config(config))
     echo(report(model))
 
     settings = LoopSettings(
@@ -249,6 +268,7 @@ def run(config: TrainConfig, echo=print) -> dict:
         weight_decay=config.weight_decay, warmup_steps=warmup, max_grad_norm=config.max_grad_norm, seed=config.seed,
         eval_every=config.eval_every, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
         gradient_checkpointing=config.gradient_checkpointing, on_nonfinite=config.on_nonfinite,
+        b_lr_ratio=config.lora_plus_ratio,
     )
     result = train(model, train_set, settings, run_dir, pad_id=pad_id, vocab_size=len(tokenizer),
                    evaluate=(lambda: held_out_metrics(with_generation=False)) if held_set and config.eval_every else None,

@@ -53,8 +53,33 @@ class AdapterWrapper(nn.Module):
     def _forget(self, name: str) -> None:
         """Drop per-adapter settings kept outside the parameter dicts (overridden where there are any)."""
 
+    def restore_base(self) -> None:
+        """Undo changes an adapter made to the base layer itself (PiSSA's residual); most make none."""
+
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {dict_name: getattr(self, dict_name)[name] for dict_name in self.adapter_parameter_dicts}
+        """The trainable tensors of one adapter, by parameter-dict name."""
+        return {dict_name: getattr(self, dict_name)[name]
+                for dict_name in self.adapter_parameter_dicts if name in getattr(self, dict_name)}
+
+    # -- files: tensors under `<module path>.<suffix>` keys (peft's names where peft has the method) ----
+    def file_tensors(self, name: str, for_resume: bool = False) -> dict[str, torch.Tensor]:
+        """{key suffix: tensor} to save. `for_resume` keeps the raw training state (no conversion)."""
+        return {suffix: getattr(self, dict_name)[name].detach()
+                for suffix, dict_name in self.file_suffixes(name).items()}
+
+    def file_suffixes(self, name: str) -> dict[str, str]:
+        """{key suffix in the file: parameter-dict name}."""
+        raise NotImplementedError
+
+    def expected_file_shapes(self, name: str, for_resume: bool = False) -> dict[str, tuple]:
+        return {suffix: tuple(t.shape) for suffix, t in self.file_tensors(name, for_resume).items()}
+
+    @torch.no_grad()
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str, for_resume: bool = False) -> None:
+        """Copy tensors (already checked against expected_file_shapes) into the adapter."""
+        for suffix, dict_name in self.file_suffixes(name).items():
+            target = getattr(self, dict_name)[name]
+            target.copy_(tensors[suffix].to(target.dtype))
 
     # -- merging ------------------------------------------------------------------------------------
     # Subclasses say what the base layer's tensors become: {"weight": new tensor, ...}. The shared code

@@ -1,9 +1,14 @@
 """LoRA layers (Hu et al. 2021, arXiv:2106.09685): h = W x + s · B (A x), W frozen, B initialised to 0.
 
 Two wrappers: `LoraLinear` for nn.Linear and transformers' Conv1D (GPT-2 stores W transposed; the
-adapter tensors keep the Linear layout, only merging transposes), optionally adapting chosen slices
-of a fused projection; and `LoraEmbedding` for nn.Embedding. Parameter names follow peft's in-memory
-layout (`lora_A.<adapter>`, `lora_embedding_A.<adapter>`) so the file mapping stays a rename.
+adapter tensors keep the Linear layout, only merging transposes), and `LoraEmbedding`. Variants on
+LoraLinear, each a per-adapter setting:
+- fused slices: adapt chosen output slices of a fused projection (ChatGLM's query_key_value);
+- DoRA (Liu et al. 2024, arXiv:2402.09353): W' = m · (W + sBA) / ‖W + sBA‖, the norm taken per output
+  row and detached from the graph, as the paper recommends;
+- PiSSA (Meng et al. 2024, arXiv:2404.02948): A, B start from the top-r singular vectors of W and the
+  base weight becomes the residual W - sBA, so the output is unchanged at step 0.
+Parameter names follow peft's in-memory layout (`lora_A.<adapter>`), so the file mapping is a rename.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.config import FusedSlices
+from lorafit.config import FusedSlices, LoraConfig, pattern_key_matches
 from lorafit.errors import LorafitError
 from lorafit.methods.base import AdapterWrapper
+from lorafit.targeting import select_modules
 
 
 @dataclass(frozen=True)
@@ -29,14 +35,16 @@ class AdapterSpec:
     dropout: float
     init: str
     slices: FusedSlices | None = None
+    use_dora: bool = False
 
 
-class _RowIndex(nn.Module):
-    """Output rows a sliced adapter writes to, as a buffer so it follows the model across devices."""
+class _Buffers(nn.Module):
+    """Per-adapter tensors that are not trained, as buffers so they follow the model across devices."""
 
-    def __init__(self, rows: list[int]) -> None:
+    def __init__(self, **tensors: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        for key, value in tensors.items():
+            self.register_buffer(key, value, persistent=False)
 
 
 class LoraLinear(AdapterWrapper):
@@ -48,7 +56,7 @@ class LoraLinear(AdapterWrapper):
     full output; merged adapters cost nothing at inference since the base layer then runs alone.
     """
 
-    adapter_parameter_dicts = ("lora_A", "lora_B")
+    adapter_parameter_dicts = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -60,18 +68,37 @@ class LoraLinear(AdapterWrapper):
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self.lora_dropout = nn.ModuleDict()
-        self.lora_slice_rows = nn.ModuleDict()
+        self.lora_slice_rows = nn.ModuleDict()  # sliced adapters: the output rows they write
+        self.lora_pissa_init = nn.ModuleDict()  # PiSSA adapters: A0, B0 (to convert and to restore W)
+        self.lora_dora_norms = nn.ModuleDict()  # merged DoRA adapters: the norms used (to unmerge)
         self.specs: dict[str, AdapterSpec] = {}
 
+    # -- layout helpers -------------------------------------------------------------------------------
+    def _linear_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), whatever the layer stores."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _to_base_layout(self, linear_weight: torch.Tensor) -> torch.Tensor:
+        return linear_weight.T if self.fan_in_fan_out else linear_weight
+
+    def _group_rows(self, spec: AdapterSpec) -> list[list[int]]:
+        if spec.slices is None:
+            return [list(range(self.out_features))]
+        return [spec.slices.rows_of(g) for g in spec.slices.adapt]
+
+    # -- adding ---------------------------------------------------------------------------------------
     def add_adapter(self, name: str, spec: AdapterSpec, dtype: torch.dtype, module_path: str) -> None:
-        groups = spec.slices.adapt if spec.slices else ()
-        group_rows = [spec.slices.rows_of(g) for g in groups] if spec.slices else [list(range(self.out_features))]
         if spec.slices and spec.slices.total_rows != self.out_features:
             raise LorafitError(
                 f"fused_slices for {module_path}: sizes add up to {spec.slices.total_rows} rows but the layer "
                 f"has {self.out_features} outputs"
             )
+        if spec.slices and (spec.use_dora or spec.init == "pissa"):
+            raise LorafitError(f"{module_path}: fused_slices cannot be combined with DoRA or PiSSA")
+        group_rows = self._group_rows(spec)
         smallest = min([self.in_features] + [len(rows) for rows in group_rows])
         if spec.rank > smallest:
             raise LorafitError(
@@ -85,26 +112,62 @@ class LoraLinear(AdapterWrapper):
             nn.init.normal_(a, std=1.0 / spec.rank)
         else:  # nn.Linear's own init for A, as in the LoRA paper's reference code
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if spec.init == "pissa" and device.type != "meta":
+            a, b = self._pissa_start(spec, dtype)
+            self.lora_pissa_init[name] = _Buffers(a=a.clone(), b=b.clone())
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
+        if spec.use_dora:
+            norms = self._linear_weight().detach().float().norm(dim=1)  # BA = 0: ‖W‖ per output row
+            self.lora_magnitude_vector[name] = nn.Parameter(norms.to(dtype))
         if spec.dropout > 0:
             self.lora_dropout[name] = nn.Dropout(spec.dropout)
         if spec.slices:
-            self.lora_slice_rows[name] = _RowIndex([r for rows in group_rows for r in rows]).to(device)
+            rows = [r for group in group_rows for r in group]
+            self.lora_slice_rows[name] = _Buffers(rows=torch.tensor(rows, dtype=torch.long, device=device))
         self.specs[name] = spec
 
+    @torch.no_grad()
+    def _pissa_start(self, spec: AdapterSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A, B from the top-r singular triplets of W (so s·B·A is W's best rank-r part); W becomes the rest."""
+        weight = self._linear_weight().float()
+        u, singular, vh = torch.linalg.svd(weight, full_matrices=False)
+        root = singular[: spec.rank].sqrt() / math.sqrt(spec.scaling)
+        a = root[:, None] * vh[: spec.rank]
+        b = u[:, : spec.rank] * root[None, :]
+        residual = weight - spec.scaling * (b @ a)
+        self.base_layer.weight.copy_(self._to_base_layout(residual).to(self.base_layer.weight.dtype))
+        return a.to(dtype), b.to(dtype)
+
     def _forget(self, name: str) -> None:
-        for modules in (self.lora_dropout, self.lora_slice_rows):
+        if name in self.lora_pissa_init:
+            self._restore_pissa_base(name)
+        for modules in (self.lora_dropout, self.lora_slice_rows, self.lora_pissa_init, self.lora_dora_norms):
             if name in modules:
                 del modules[name]
         self.specs.pop(name, None)
 
+    @torch.no_grad()
+    def _restore_pissa_base(self, name: str) -> None:
+        """W_residual + s·B0·A0 = the original W: what unloading a PiSSA adapter must give back."""
+        init = self.lora_pissa_init[name]
+        original = self._linear_weight().float() + self.specs[name].scaling * (init.b.float() @ init.a.float())
+        self.base_layer.weight.copy_(self._to_base_layout(original).to(self.base_layer.weight.dtype))
+
+    def restore_base(self) -> None:
+        for name in list(self.lora_pissa_init):
+            self._restore_pissa_base(name)
+
+    # -- forward ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.adapters_disabled:
             return out
         for name in self.active_adapters:
             if name in self.merged_adapters:
+                continue
+            if self.specs[name].use_dora:
+                out = self._dora(name, x, out)
                 continue
             delta = self._bypass(name, x).to(out.dtype)
             if name in self.lora_slice_rows:
@@ -126,68 +189,103 @@ class LoraLinear(AdapterWrapper):
         parts = zip(hidden.split(spec.rank, dim=-1), lora_b.split(group_sizes, dim=0))
         return torch.cat([F.linear(h, b) for h, b in parts], dim=-1)
 
+    def _dora_column_norm(self, name: str) -> torch.Tensor:
+        """‖W + s·B·A‖ per output row, detached: the paper's trick to save memory and keep training stable."""
+        lora_a, lora_b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
+        weight = self._linear_weight().to(lora_a.dtype)
+        return (weight + spec.scaling * (lora_b @ lora_a)).norm(dim=1).detach()
+
+    def _dora(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """m/‖W+sBA‖ ⊙ (W x + s B A x) + b, computed from the base output that is already there."""
+        scale = (self.lora_magnitude_vector[name] / self._dora_column_norm(name)).to(out.dtype)
+        bias = self.base_layer.bias
+        without_bias = out - bias if bias is not None else out
+        return out + (scale - 1) * without_bias + scale * self._bypass(name, x).to(out.dtype)
+
+    # -- merging ------------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s · B A in the base layer's own layout ((out, in) for Linear, (in, out) for Conv1D), fp32."""
+        """s · B A as (out, in), fp32."""
         lora_a, lora_b, spec = self.lora_A[name].float(), self.lora_B[name].float(), self.specs[name]
         if spec.slices is None:
-            delta = lora_b @ lora_a
-        else:
-            delta = torch.zeros(self.out_features, self.in_features, device=lora_a.device)
-            row_start = 0
-            for group, name_of_slice in enumerate(spec.slices.adapt):
-                rows = spec.slices.rows_of(name_of_slice)
-                a_group = lora_a[group * spec.rank : (group + 1) * spec.rank]
-                b_group = lora_b[row_start : row_start + len(rows)]
-                delta[torch.tensor(rows, device=delta.device)] = b_group @ a_group
-                row_start += len(rows)
-        delta = delta * spec.scaling
-        return delta.T if self.fan_in_fan_out else delta
+            return spec.scaling * (lora_b @ lora_a)
+        delta = torch.zeros(self.out_features, self.in_features, device=lora_a.device)
+        row_start = 0
+        for group, rows in enumerate(self._group_rows(spec)):
+            a_group = lora_a[group * spec.rank : (group + 1) * spec.rank]
+            b_group = lora_b[row_start : row_start + len(rows)]
+            delta[torch.tensor(rows, device=delta.device)] = b_group @ a_group
+            row_start += len(rows)
+        return spec.scaling * delta
 
     def _merged_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        weight = self.base_layer.weight
-        return {"weight": weight.float() + self.delta_weight(name).to(weight.device)}
+        weight = self._linear_weight().float()
+        merged = weight + self.delta_weight(name).to(weight.device)
+        if self.specs[name].use_dora:
+            norms = merged.norm(dim=1)
+            merged = merged * (self.lora_magnitude_vector[name].float() / norms)[:, None]
+            self.lora_dora_norms[name] = _Buffers(norms=norms.detach())
+        return {"weight": self._to_base_layout(merged)}
 
     def _unmerged_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        weight = self.base_layer.weight
-        return {"weight": weight.float() - self.delta_weight(name).to(weight.device)}
+        weight = self._linear_weight().float()
+        if self.specs[name].use_dora:
+            norms = self.lora_dora_norms[name].norms
+            weight = weight * (norms / self.lora_magnitude_vector[name].float())[:, None]
+        return {"weight": self._to_base_layout(weight - self.delta_weight(name).to(weight.device))}
 
-    # -- the peft file layout (a sliced adapter is exported as an exact full-rank-G·r LoRA) -----------
-    def export_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as peft stores them: A (r' × in), B (out × r'), with r' = G·r for sliced adapters."""
-        lora_a, lora_b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
-        if spec.slices is None:
-            return lora_a.detach(), lora_b.detach()
-        full_b = torch.zeros(self.out_features, lora_a.shape[0], dtype=lora_b.dtype, device=lora_b.device)
-        row_start = 0
-        for group, name_of_slice in enumerate(spec.slices.adapt):
-            rows = torch.tensor(spec.slices.rows_of(name_of_slice), device=full_b.device)
-            cols = slice(group * spec.rank, (group + 1) * spec.rank)
-            full_b[rows, cols] = lora_b.detach()[row_start : row_start + len(rows)]
-            row_start += len(rows)
-        return lora_a.detach(), full_b
+    def check_merge(self, names: list[str], module_path: str) -> None:
+        super().check_merge(names, module_path)
+        for name in names:  # check_merge computed DoRA norms as a side effect; only merge keeps them
+            if name not in self.merged_adapters and name in self.lora_dora_norms:
+                del self.lora_dora_norms[name]
+
+    # -- files (peft's layout; sliced and PiSSA adapters exported as exact plain LoRAs) ---------------------
+    def file_suffixes(self, name: str) -> dict[str, str]:
+        suffixes = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+        if self.specs[name].use_dora:
+            suffixes["lora_magnitude_vector"] = "lora_magnitude_vector"
+        return suffixes
+
+    def file_tensors(self, name: str, for_resume: bool = False) -> dict[str, torch.Tensor]:
+        tensors = super().file_tensors(name, for_resume)
+        if for_resume:
+            return tensors
+        lora_a, lora_b, spec = tensors["lora_A.weight"], tensors["lora_B.weight"], self.specs[name]
+        if spec.slices is not None:  # B zero outside each slice's rows and columns: the same s·B·A
+            full_b = torch.zeros(self.out_features, lora_a.shape[0], dtype=lora_b.dtype, device=lora_b.device)
+            row_start = 0
+            for group, rows in enumerate(self._group_rows(spec)):
+                cols = slice(group * spec.rank, (group + 1) * spec.rank)
+                full_b[torch.tensor(rows, device=full_b.device), cols] = lora_b[row_start : row_start + len(rows)]
+                row_start += len(rows)
+            tensors["lora_B.weight"] = full_b
+        if name in self.lora_pissa_init:  # relative to the untouched W: s·B·A - s·B0·A0, a rank-2r LoRA
+            init = self.lora_pissa_init[name]
+            tensors["lora_A.weight"] = torch.cat([lora_a, init.a.to(lora_a.dtype)], dim=0)
+            tensors["lora_B.weight"] = torch.cat([lora_b, -init.b.to(lora_b.dtype)], dim=1)
+        return tensors
+
+    def file_rank(self, name: str, for_resume: bool = False) -> int:
+        """The rank the saved tensors have (G·r for sliced adapters, 2r for converted PiSSA ones)."""
+        rank = self.lora_A[name].shape[0]
+        return rank * 2 if name in self.lora_pissa_init and not for_resume else rank
 
     @torch.no_grad()
-    def import_tensors(self, name: str, lora_a: torch.Tensor, full_b: torch.Tensor, where: str) -> None:
-        """Inverse of export_tensors; refuses a sliced adapter whose off-slice entries are not zero."""
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str, for_resume: bool = False) -> None:
         spec = self.specs[name]
-        if spec.slices is None:
-            self.lora_A[name].copy_(lora_a)
-            self.lora_B[name].copy_(full_b)
-            return
-        packed, kept = [], torch.zeros_like(full_b, dtype=torch.bool)
-        for group, name_of_slice in enumerate(spec.slices.adapt):
-            rows = torch.tensor(spec.slices.rows_of(name_of_slice), device=full_b.device)
-            cols = slice(group * spec.rank, (group + 1) * spec.rank)
-            packed.append(full_b[rows, cols])
-            kept[rows, cols] = True
-        outside = full_b[~kept]
-        if outside.numel() and bool((outside != 0).any()):
-            raise LorafitError(f"{where}: lora_B has non-zero entries outside the adapted slices of a fused layer")
-        self.lora_A[name].copy_(lora_a)
-        self.lora_B[name].copy_(torch.cat(packed, dim=0))
-
-    def export_rank(self, name: str) -> int:
-        return self.lora_A[name].shape[0]
+        if spec.slices is not None and not for_resume:
+            full_b = tensors["lora_B.weight"]
+            packed, kept = [], torch.zeros_like(full_b, dtype=torch.bool)
+            for group, rows in enumerate(self._group_rows(spec)):
+                rows = torch.tensor(rows, device=full_b.device)
+                cols = slice(group * spec.rank, (group + 1) * spec.rank)
+                packed.append(full_b[rows, cols])
+                kept[rows, cols] = True
+            outside = full_b[~kept]
+            if outside.numel() and bool((outside != 0).any()):
+                raise LorafitError(f"{where}: lora_B has non-zero entries outside the adapted slices of a fused layer")
+            tensors = {**tensors, "lora_B.weight": torch.cat(packed, dim=0)}
+        super().load_file_tensors(name, tensors, where, for_resume)
 
 
 class LoraEmbedding(AdapterWrapper):
@@ -208,8 +306,8 @@ class LoraEmbedding(AdapterWrapper):
         self.specs: dict[str, AdapterSpec] = {}
 
     def add_adapter(self, name: str, spec: AdapterSpec, dtype: torch.dtype, module_path: str) -> None:
-        if spec.slices is not None:
-            raise LorafitError(f"fused_slices names {module_path}, an embedding; slices apply to linear layers only")
+        if spec.slices is not None or spec.use_dora or spec.init == "pissa":
+            raise LorafitError(f"{module_path} is an embedding: fused_slices, DoRA and PiSSA apply to linear layers only")
         smallest = min(self.num_embeddings, self.embedding_dim)
         if spec.rank > smallest:
             raise LorafitError(f"r={spec.rank} is larger than min(vocab, dim)={smallest} of {module_path}")
@@ -249,16 +347,26 @@ class LoraEmbedding(AdapterWrapper):
         weight = self.base_layer.weight
         return {"weight": weight.float() - self.delta_weight(name).to(weight.device)}
 
-    def export_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_embedding_A[name].detach(), self.lora_embedding_B[name].detach()
+    def file_suffixes(self, name: str) -> dict[str, str]:
+        return {"lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
 
-    @torch.no_grad()
-    def import_tensors(self, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, where: str) -> None:
-        self.lora_embedding_A[name].copy_(lora_a)
-        self.lora_embedding_B[name].copy_(lora_b)
-
-    def export_rank(self, name: str) -> int:
+    def file_rank(self, name: str, for_resume: bool = False) -> int:
         return self.lora_embedding_A[name].shape[0]
+
+
+WRAPPERS = (LoraLinear, LoraEmbedding)
+
+
+def select(model: nn.Module, config: LoraConfig) -> list[str]:
+    paths = select_modules(model, config)
+    for option in ("rank_pattern", "alpha_pattern", "fused_slices"):
+        for key in getattr(config, option):
+            if not any(pattern_key_matches(key, p) for p in paths):
+                raise LorafitError(
+                    f"{option} key {key!r} matches none of the adapted modules "
+                    f"(e.g. {', '.join(paths[:3])}); it would have no effect"
+                )
+    return paths
 
 
 def wrap(module: nn.Module) -> AdapterWrapper:
@@ -266,3 +374,10 @@ def wrap(module: nn.Module) -> AdapterWrapper:
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
     return LoraLinear(module)
+
+
+def add(wrapper, name: str, config: LoraConfig, module_path: str, dtype: torch.dtype, model) -> None:
+    spec = AdapterSpec(rank=config.rank_for(module_path), scaling=config.scaling_for(module_path),
+                       dropout=config.dropout, init=config.init, slices=config.slices_for(module_path),
+                       use_dora=config.use_dora)
+    wrapper.add_adapter(name, spec, dtype, module_path)

@@ -81,7 +81,7 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     try:
         with explain_write_errors(final):
-            save_adapter(model, temporary, adapter_name)
+            save_adapter(model, temporary, adapter_name, for_resume=True)
             tensors, scalars = _optimizer_tensors(optimizer)
             save_file(tensors, str(temporary / OPTIMIZER_NAME))
             rng = {"torch_cpu": torch.get_rng_state()}
@@ -99,13 +99,20 @@ def save_checkpoint(
                 "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
             })
             if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
-                shutil.rmtree(final)
+                _remove(final)
             os.replace(temporary, final)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a crash midway never leaves a half-deleted one that looks complete."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.tmp-deleting")
+    os.replace(checkpoint, doomed)  # atomic: from here on list_checkpoints no longer sees it
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(

@@ -1,0 +1,139 @@
+"""IA3 (Liu et al. 2022, arXiv:2205.05638): learned vectors that rescale activations, initialised to ones.
+
+For keys and values the output of k_proj / v_proj is rescaled: l ⊙ (W x + b), which merges as
+W ← diag(l) W, b ← l ⊙ b. For the feed-forward the activation entering down_proj is rescaled:
+W (l ⊙ h), which merges as W ← W diag(l). The vectors have peft's shapes and names (`ia3_l`,
+(out, 1) or (1, in)), so files move between lorafit and peft unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafit.config import IA3Config
+from lorafit.errors import LorafitError
+from lorafit.methods.base import AdapterWrapper
+from lorafit.targeting import linear_types, matches_selection, select_modules
+
+# The paper's choice per architecture (config.model_type): targets, and which of them are feed-forward.
+DEFAULT_TARGETS = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+}
+
+
+def resolve(model: nn.Module, config: IA3Config) -> IA3Config:
+    """The config with the architecture's default targets filled in where the user gave none."""
+    if config.target_modules is not None:
+        return config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise LorafitError(f"no default IA3 targets for model type {model_type!r}; set target_modules "
+                           "and feedforward_modules")
+    targets, feedforward = DEFAULT_TARGETS[model_type]
+    return IA3Config(**{**config.to_dict(), "target_modules": targets,
+                        "feedforward_modules": config.feedforward_modules or feedforward})
+
+
+def select(model: nn.Module, config: IA3Config) -> list[str]:
+    config = resolve(model, config)
+    paths = select_modules(model, config, allowed_types=linear_types())
+    if config.feedforward_modules is not None:
+        feedforward = [p for p in paths if matches_selection(config.feedforward_modules, p)]
+        if not feedforward:
+            raise LorafitError(f"feedforward_modules {config.feedforward_modules} matches none of the IA3 targets "
+                               f"(e.g. {', '.join(paths[:3])}); feed-forward modules must be targets too")
+    return paths
+
+
+class IA3Linear(AdapterWrapper):
+    """A frozen Linear / Conv1D whose output (or, feed-forward, input) is rescaled by learned vectors."""
+
+    adapter_parameter_dicts = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        from transformers.pytorch_utils import Conv1D
+
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        rows, cols = base_layer.weight.shape
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.ia3_l = nn.ParameterDict()
+        self.feedforward: dict[str, bool] = {}
+
+    def add_adapter(self, name: str, config: IA3Config, module_path: str, dtype: torch.dtype) -> None:
+        feedforward = matches_selection(config.feedforward_modules, module_path)
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        self.ia3_l[name] = nn.Parameter(torch.ones(shape, dtype=dtype, device=self.base_layer.weight.device))
+        self.feedforward[name] = feedforward
+
+    def _forget(self, name: str) -> None:
+        self.feedforward.pop(name, None)
+
+    def _scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(input scale, output scale): the products of the active, unmerged adapters' vectors."""
+        input_scale = output_scale = None
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            vector = self.ia3_l[name].flatten()
+            if self.feedforward[name]:
+                input_scale = vector if input_scale is None else input_scale * vector
+            else:
+                output_scale = vector if output_scale is None else output_scale * vector
+        return input_scale, output_scale
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.adapters_disabled:
+            return self.base_layer(x, *args, **kwargs)
+        input_scale, output_scale = self._scales()
+        if input_scale is not None:
+            x = (x.to(input_scale.dtype) * input_scale).to(x.dtype)
+        out = self.base_layer(x, *args, **kwargs)
+        if output_scale is not None:
+            out = out * output_scale.to(out.dtype)
+        return out
+
+    def _scaled(self, name: str, inverse: bool) -> dict[str, torch.Tensor]:
+        vector = self.ia3_l[name].detach().float().flatten()
+        if inverse:
+            vector = 1.0 / vector
+        weight = self.base_layer.weight.float()
+        linear = weight.T if self.fan_in_fan_out else weight  # (out, in)
+        if self.feedforward[name]:
+            merged = {"weight": linear * vector[None, :]}
+        else:
+            merged = {"weight": linear * vector[:, None]}
+            if self.base_layer.bias is not None:
+                merged["bias"] = self.base_layer.bias.float() * vector
+        if self.fan_in_fan_out:
+            merged["weight"] = merged["weight"].T
+        return merged
+
+    def _merged_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return self._scaled(name, inverse=False)
+
+    def _unmerged_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return self._scaled(name, inverse=True)  # a zero in l makes this Inf: refused, weights kept
+
+    def file_suffixes(self, name: str) -> dict[str, str]:
+        return {"ia3_l": "ia3_l"}
+
+
+WRAPPERS = (IA3Linear,)
+
+
+def wrap(module: nn.Module) -> AdapterWrapper:
+    return IA3Linear(module)
+
+
+def add(wrapper: IA3Linear, name: str, config: IA3Config, module_path: str, dtype: torch.dtype, model) -> None:
+    wrapper.add_adapter(name, resolve(model, config), module_path, dtype)
