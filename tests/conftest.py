@@ -52,6 +52,19 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.5):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
+def random_examples(count: int, seed: int = 0, lengths: tuple = (3, 15), vocab: int = 64) -> list:
+    """Random token sequences whose first half is masked prompt: training data for loop/batching tests."""
+    from lorafit.data import IGNORE_INDEX, TokenizedExample
+
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        length = int(torch.randint(*lengths, (1,), generator=generator))
+        ids = torch.randint(1, vocab, (length,), generator=generator).tolist()
+        examples.append(TokenizedExample(ids, [IGNORE_INDEX] * (length // 2) + ids[length // 2:]))
+    return examples
+
+
 @pytest.fixture
 def input_ids():
     return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))

@@ -101,3 +101,31 @@ def test_unload_gives_back_the_original_modules_even_after_merge(input_ids):
     assert model.model.layers[0].self_attn.q_proj is original_q
     with torch.no_grad():
         assert (model(input_ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_adapter_per_row_equals_running_each_row_with_its_own_adapter():
+    model = tiny_llama()
+    names = ["a", "b", "c"]
+    for index, name in enumerate(names):
+        lorafit.attach(model, LoraConfig(r=2 + index, alpha=4 * (index + 1), target_modules="all-linear"), name)
+    lorafit.attach(model, LoraConfig(r=2, target_modules=["q_proj"]), "only_q")  # touches fewer modules
+    randomize_adapters(model, scale=0.3)
+    rows = ["b", "a", "only_q", "b", "c"]
+    ids = torch.randint(0, 64, (len(rows), 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), lorafit.adapter_per_row(model, rows):
+        mixed = model(ids).logits
+    with torch.no_grad():
+        for row, name in enumerate(rows):
+            lorafit.set_active_adapter(model, name)
+            torch.testing.assert_close(mixed[row], model(ids[row:row + 1]).logits[0], atol=1e-5, rtol=1e-5)
+    assert all(m.row_adapters is None for m in model.modules() if isinstance(m, LoraLinear))
+
+
+def test_adapter_per_row_errors():
+    model = _two_adapter_model()
+    with pytest.raises(LorafitError, match="no adapter named 'zzz'"):
+        with lorafit.adapter_per_row(model, ["first", "zzz"]):
+            pass
+    with pytest.raises(LorafitError, match="adapter_per_row names 2 adapters for a batch of 3 rows"):
+        with lorafit.adapter_per_row(model, ["first", "second"]):
+            model(torch.zeros(3, 4, dtype=torch.long))

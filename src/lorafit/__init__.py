@@ -12,6 +12,7 @@ from lorafit.accounting import ParameterCount, report, trainable_parameters  # n
 from lorafit.adapters import (  # noqa: E402
     active_adapters,
     adapter_names,
+    adapter_per_row,
     attach,
     delete_adapter,
     disable_adapters,
@@ -35,6 +36,7 @@ __all__ = [
     "ParameterCount",
     "active_adapters",
     "adapter_names",
+    "adapter_per_row",
     "attach",
     "delete_adapter",
     "disable_adapters",

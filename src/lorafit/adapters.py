@@ -162,6 +162,36 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.adapters_disabled = was
 
 
+@contextmanager
+def adapter_per_row(model: nn.Module, names: list[str]) -> Iterator[nn.Module]:
+    """Serve a batch whose row i uses LoRA adapter names[i] (multi-tenant inference, one forward).
+
+    Plain LoRA adapters on Linear/Conv1D layers, unmerged; the batch size must be len(names).
+    """
+    from lorafit.methods.lora import LoraLinear
+
+    state = state_of(model)
+    for name in names:
+        if name not in state.configs:
+            raise LorafitError(f"no adapter named {name!r}; the model has {', '.join(state.configs)}")
+        config = state.configs[name]
+        if not isinstance(config, LoraConfig) or config.use_dora or config.fused_slices:
+            raise LorafitError(f"adapter {name!r}: adapter_per_row serves plain LoRA adapters only")
+    found = list(wrappers(model))
+    for path, wrapper in found:
+        if not isinstance(wrapper, LoraLinear):
+            raise LorafitError(f"{path} is a {type(wrapper).__name__}: adapter_per_row serves LoRA on linear layers only")
+        if wrapper.merged_adapters:
+            raise LorafitError(f"adapters are merged into {path}; unmerge before serving them per row")
+    for _, wrapper in found:
+        wrapper.row_adapters = list(names)
+    try:
+        yield model
+    finally:
+        for _, wrapper in found:
+            wrapper.row_adapters = None
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; modules left without any adapter get their original layer back."""
     state = state_of(model)

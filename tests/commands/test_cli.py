@@ -134,3 +134,43 @@ def test_inspect_counts_the_seed_llama_7b_figures(capsys):
     out = capsys.readouterr().out
     assert "trainable 4,194,304 / 6,742,609,920 (0.062%) · base 6,738,415,616" in out
     assert "q_proj              Linear      4096→4096           32  yes" in out
+
+
+@pytest.mark.parametrize("flags", [
+    ["--method", "dora"], ["--method", "ia3"], ["--method", "bitfit", "--targets", "all-linear", "--add-missing-bias"],
+    ["--init", "pissa"], ["--lora-plus-ratio", "16"], ["--use-rslora", "--targets", "all-linear"],
+], ids=["dora", "ia3", "bitfit", "pissa", "lora+", "rslora"])
+def test_every_method_trains_saves_and_merges_from_the_command_line(tmp_path, tiny_chat_model, date_data, flags):
+    import lorafit
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--steps", "3",
+                 "--batch-size", "4", "--lr", "1e-2", "--eval-examples", "2", "--max-new-tokens", "2",
+                 "--output", str(run), *flags]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert main(["merge", "--model", str(tiny_chat_model), "--adapter", str(run / "adapter"),
+                 "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapted = lorafit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_chat_model).eval(), run / "adapter")
+    ids = torch.randint(0, 258, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(ids).logits - adapted(ids).logits).abs().max() <= 1e-4
+
+
+def test_bitfit_on_a_model_without_biases_explains_the_opt_in(tiny_chat_model, date_data, capsys):
+    assert main(["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--method", "bitfit"]) == 1
+    err = capsys.readouterr().err
+    assert "LlamaForCausalLM has no bias terms" in err and "--add-missing-bias" in err
+
+
+def test_merge_refuses_weights_the_config_cannot_describe(tiny_chat_model, tmp_path, capsys):
+    import lorafit
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    lorafit.attach(model, lorafit.BitFitConfig(target_modules=["lm_head"], add_missing_bias=True))
+    lorafit.save_adapter(model, tmp_path / "adapter")
+    assert main(["merge", "--model", str(tiny_chat_model), "--adapter", str(tmp_path / "adapter"),
+                 "--output", str(tmp_path / "merged")]) == 1
+    assert "weights its config cannot describe (e.g. lm_head.bias" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()

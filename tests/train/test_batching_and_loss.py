@@ -1,33 +1,28 @@
 """Packed batches and the head-only loss give the same loss and gradients as the plain path."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.train.batching import IGNORE, collate_packed, collate_padded, packing_is_exact, plan_batches
+from lorafit.data import TokenizedExample
+from lorafit.train.batching import (
+    IGNORE,
+    collate_packed,
+    collate_padded,
+    collate_shared_prefix,
+    packing_is_exact,
+    plan_batches,
+    prefix_sharing_is_exact,
+    shared_prefix_length,
+)
 from lorafit.train.loss import summed_token_loss
-from tests.conftest import randomize_adapters, tiny_gpt2, tiny_llama
-
-
-@dataclass
-class Example:
-    input_ids: list
-    labels: list
+from tests.conftest import random_examples, randomize_adapters, tiny_gpt2, tiny_llama
 
 
 def _examples(count=6, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(count):
-        length = int(torch.randint(3, 15, (1,), generator=generator))
-        ids = torch.randint(1, 64, (length,), generator=generator).tolist()
-        prompt = length // 2
-        examples.append(Example(ids, [IGNORE] * prompt + ids[prompt:]))
-    return examples
+    return random_examples(count, seed, lengths=(3, 15))
 
 
 def _reference_loss(model, examples):
@@ -91,3 +86,48 @@ def test_batch_plan_is_a_deterministic_permutation_grouped_by_length():
     assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plan]
     assert sum(s <= 3 for s in spread) >= len(plan) - 2  # short and long examples are not mixed
+
+
+def _examples_with_a_shared_prompt(count=5, prefix_length=20, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(1, 64, (prefix_length,), generator=generator).tolist()
+    examples = []
+    for _ in range(count):
+        own = torch.randint(1, 64, (int(torch.randint(3, 9, (1,), generator=generator)),), generator=generator).tolist()
+        reply = torch.randint(1, 64, (int(torch.randint(2, 6, (1,), generator=generator)),), generator=generator).tolist()
+        ids = prompt + own + reply
+        examples.append(TokenizedExample(ids, [IGNORE] * (len(prompt) + len(own)) + reply))
+    return examples
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_shared_prefix_batches_give_the_reference_loss_and_gradients(build):
+    model = build()
+    lorafit.attach(model, LoraConfig(r=4, target_modules="all-linear", dropout=0.0))
+    randomize_adapters(model, scale=0.1)
+    examples = _examples_with_a_shared_prompt()
+    assert prefix_sharing_is_exact(model, vocab_size=64)
+    prefix = shared_prefix_length(examples)
+    assert prefix >= 20  # the prompt, plus whatever the rows' own parts happen to share
+    batch = collate_shared_prefix(examples, 0, prefix)
+    assert batch.inputs["prefix_ids"].shape == (1, prefix)
+
+    loss = summed_token_loss(model, batch)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    reference = _reference_loss(model, examples)
+    reference.backward()
+    assert abs(loss.item() - reference.item()) <= 1e-4 * reference.item()
+    assert batch.label_tokens == sum(sum(t != IGNORE for t in e.labels[1:]) for e in examples)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(ours[name], parameter.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_shared_prefix_stops_before_the_first_labelled_prediction():
+    examples = [TokenizedExample([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, 4, 5, 6]),
+                TokenizedExample([1, 2, 3, 4, 9], [IGNORE, IGNORE, IGNORE, IGNORE, 9])]
+    assert shared_prefix_length(examples) == 2  # position 2 predicts the labelled token 4
+    assert shared_prefix_length([TokenizedExample([1, 2, 3], [IGNORE] * 3),
+                                 TokenizedExample([7, 2, 3], [IGNORE] * 3)]) == 0

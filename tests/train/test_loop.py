@@ -2,33 +2,21 @@
 
 import os
 import signal
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 import lorafit
 from lorafit import LoraConfig, LorafitError
+from lorafit.data import TokenizedExample
 from lorafit.train.batching import IGNORE
 from lorafit.train.checkpoint import list_checkpoints
 from lorafit.train.loop import LoopSettings, train
-from tests.conftest import tiny_llama
-
-
-@dataclass
-class Example:
-    input_ids: list
-    labels: list
+from tests.conftest import random_examples, tiny_llama
 
 
 def _examples(count=24, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(count):
-        length = int(torch.randint(4, 16, (1,), generator=generator))
-        ids = torch.randint(1, 64, (length,), generator=generator).tolist()
-        examples.append(Example(ids, [IGNORE] * (length // 2) + ids[length // 2:]))
-    return examples
+    return random_examples(count, seed, lengths=(4, 16))
 
 
 def _model(dropout=0.1):
@@ -74,8 +62,8 @@ def test_resume_is_exact_bit_for_bit(tmp_path):
 
 def test_accumulation_weights_every_label_token_equally(tmp_path):
     # 4 examples of very different label counts: one step of batch 4 == one step of 2 x 2 accumulated
-    examples = [Example(list(range(1, 11)), [IGNORE] * 9 + [10]), Example(list(range(5, 25)), list(range(5, 25))),
-                Example(list(range(2, 8)), [IGNORE, 3, 4, 5, 6, 7]), Example(list(range(9, 13)), [IGNORE] * 3 + [12])]
+    examples = [TokenizedExample(list(range(1, 11)), [IGNORE] * 9 + [10]), TokenizedExample(list(range(5, 25)), list(range(5, 25))),
+                TokenizedExample(list(range(2, 8)), [IGNORE, 3, 4, 5, 6, 7]), TokenizedExample(list(range(9, 13)), [IGNORE] * 3 + [12])]
     big = _model(dropout=0.0)
     _train(tmp_path / "big", steps=1, model=big, examples=examples, batch_size=4, grad_accum=1, warmup_steps=0)
     small = _model(dropout=0.0)

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+from torch import nn
+
 from lorafit.adapters import merge_and_unload
 from lorafit.commands.common import load_model_with_adapter
 from lorafit.errors import LorafitError
@@ -42,6 +45,8 @@ def run(config: MergeConfig, echo=print) -> Path:
                                                allow_pickle=config.allow_pickle,
                                                trust_remote_code=config.trust_remote_code)
     merged = merge_and_unload(model)
+    _declare_added_biases(merged)
+    _check_config_describes(merged)
     # Write beside the target and rename: a crash never leaves a half-written model folder.
     temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -56,3 +61,41 @@ def run(config: MergeConfig, echo=print) -> Path:
         shutil.rmtree(temporary, ignore_errors=True)
     echo(f"merged model saved to {output}")
     return output
+
+
+# Llama-family configs switch all attention / all MLP biases on or off with one flag each.
+_BIAS_FLAGS = (("self_attn", "attention_bias"), ("mlp", "mlp_bias"))
+
+
+def _declare_added_biases(model) -> None:
+    """BitFit with add_missing_bias gives Linear layers biases their config does not declare.
+
+    Where the config has a flag for the family (Llama's attention_bias, mlp_bias), switch it on and
+    give the family's other Linear layers zero biases, so the saved folder loads as that architecture.
+    """
+    for family, flag in _BIAS_FLAGS:
+        if getattr(model.config, flag, True):
+            continue
+        linears = [m for p, m in model.named_modules() if f".{family}." in f".{p}" and isinstance(m, nn.Linear)]
+        if any(m.bias is not None for m in linears):
+            setattr(model.config, flag, True)
+            for module in linears:
+                if module.bias is None:
+                    module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                           device=module.weight.device), requires_grad=False)
+
+
+def _check_config_describes(model) -> None:
+    """Refuse to save a folder whose config.json would rebuild a model without some merged weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        rebuilt = AutoModelForCausalLM.from_config(model.config)
+    expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise LorafitError(
+            f"the merged model has weights its config cannot describe (e.g. {extra[0]}: a bias added by "
+            "BitFit's add_missing_bias); keep the adapter unmerged and load it with lorafit instead"
+        )

@@ -13,6 +13,18 @@ from torch import nn
 from lorafit.errors import LorafitError
 
 
+def linear_layout(layer: nn.Module) -> tuple[bool, int, int]:
+    """(fan_in_fan_out, in_features, out_features) of an nn.Linear or transformers' Conv1D.
+
+    Conv1D computes x @ W + b with W stored (in, out): the transpose of nn.Linear's (out, in).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    fan_in_fan_out = isinstance(layer, Conv1D)
+    rows, cols = layer.weight.shape
+    return (fan_in_fan_out, rows, cols) if fan_in_fan_out else (fan_in_fan_out, cols, rows)
+
+
 class AdapterWrapper(nn.Module):
     """Base layer + named adapters; subclasses define `forward`, `_merge_one` and `_unmerge_one`."""
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from lorafit.config import IA3Config
 from lorafit.errors import LorafitError
-from lorafit.methods.base import AdapterWrapper
+from lorafit.methods.base import AdapterWrapper, linear_layout
 from lorafit.targeting import linear_types, matches_selection, select_modules
 
 # The paper's choice per architecture (config.model_type): targets, and which of them are feed-forward.
@@ -61,11 +61,7 @@ class IA3Linear(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        from transformers.pytorch_utils import Conv1D
-
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        rows, cols = base_layer.weight.shape
-        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from lorafit.config import FusedSlices, LoraConfig, pattern_key_matches
 from lorafit.errors import LorafitError
-from lorafit.methods.base import AdapterWrapper
+from lorafit.methods.base import AdapterWrapper, linear_layout
 from lorafit.targeting import select_modules
 
 
@@ -60,12 +60,7 @@ class LoraLinear(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        from transformers.pytorch_utils import Conv1D
-
-        # Conv1D computes x @ W + b with W stored (in, out): the transpose of nn.Linear's layout.
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        rows, cols = base_layer.weight.shape
-        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
@@ -74,6 +69,7 @@ class LoraLinear(AdapterWrapper):
         self.lora_pissa_init = nn.ModuleDict()  # PiSSA adapters: A0, B0 (to convert and to restore W)
         self.lora_dora_norms = nn.ModuleDict()  # merged DoRA adapters: the norms used (to unmerge)
         self.specs: dict[str, AdapterSpec] = {}
+        self.row_adapters: list[str] | None = None  # set by lorafit.adapter_per_row: one adapter per batch row
 
     # -- layout helpers -------------------------------------------------------------------------------
     def _linear_weight(self) -> torch.Tensor:
@@ -163,6 +159,8 @@ class LoraLinear(AdapterWrapper):
         out = self.base_layer(x, *args, **kwargs)
         if self.adapters_disabled:
             return out
+        if self.row_adapters is not None:
+            return out + self._per_row_bypass(x).to(out.dtype)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
@@ -188,6 +186,31 @@ class LoraLinear(AdapterWrapper):
         group_sizes = [len(spec.slices.rows_of(g)) for g in spec.slices.adapt]
         parts = zip(hidden.split(spec.rank, dim=-1), lora_b.split(group_sizes, dim=0))
         return torch.cat([F.linear(h, b) for h, b in parts], dim=-1)
+
+    def _per_row_bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch through adapter row_adapters[i], all rows in two batched matmuls.
+
+        The distinct adapters' A and s·B are stacked (zero-padded to the largest rank; a zero row adds
+        nothing) and gathered per row, so the cost is one bmm pair, not a Python loop over adapters.
+        Rows whose adapter does not touch this module get zeros.
+        """
+        names = self.row_adapters
+        if len(names) != x.shape[0]:
+            raise LorafitError(f"adapter_per_row names {len(names)} adapters for a batch of {x.shape[0]} rows")
+        distinct = list(dict.fromkeys(names))
+        rank = max((self.lora_A[n].shape[0] for n in distinct if n in self.lora_A), default=1)
+        reference = next(iter(self.lora_A.values()))
+        stacked_a = reference.new_zeros(len(distinct), rank, self.in_features)
+        stacked_b = reference.new_zeros(len(distinct), self.out_features, rank)
+        for index, name in enumerate(distinct):
+            if name in self.lora_A:
+                r = self.lora_A[name].shape[0]
+                stacked_a[index, :r] = self.lora_A[name]
+                stacked_b[index, :, :r] = self.lora_B[name] * self.specs[name].scaling
+        rows = torch.tensor([distinct.index(n) for n in names], device=x.device)
+        rows_x = x.reshape(x.shape[0], -1, self.in_features).to(reference.dtype)
+        hidden = torch.bmm(rows_x, stacked_a[rows].transpose(1, 2))
+        return torch.bmm(hidden, stacked_b[rows].transpose(1, 2)).reshape(*x.shape[:-1], self.out_features)
 
     def _dora_column_norm(self, name: str) -> torch.Tensor:
         """‖W + s·B·A‖ per output row, detached: the paper's trick to save memory and keep training stable."""

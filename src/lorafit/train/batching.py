@@ -1,12 +1,16 @@
-"""Batches without wasted work: examples packed into rows, each attending only to itself.
+"""Batches without wasted work: no padding, and a prompt prefix the rows share computed once.
 
-A micro-batch of examples is concatenated into as few rows as fit `row_tokens`, with position ids
-restarting at 0 for every example. transformers turns restarting position ids (and no attention mask)
-into a block-diagonal causal mask, so packed examples never see each other: the same loss as running
-them one by one, without padding to the longest. `packing_is_exact` checks that on the actual model
-once, and the padded layout is the fallback for models whose attention ignores position ids.
-
-Targets are shifted here (target[t] = label[t + 1]) so that no prediction crosses an example boundary.
+Two layouts, both exact (the same loss and gradients as running the examples one by one):
+- packed: the examples are concatenated into as few rows as fit `row_tokens`, with position ids
+  restarting at 0 for every example. transformers turns restarting position ids (and no attention
+  mask) into a block-diagonal causal mask, so packed examples never see each other.
+- shared prefix: when the rows start with the same tokens (a chat template's system prompt, a
+  task's fixed instruction), their hidden states there are identical under causal attention. The
+  prefix runs once (batch 1, with gradients), its key/value cache is repeated across the batch, and
+  only the suffixes run per row; backward sums every row's gradient into the one prefix.
+`packing_is_exact` / `prefix_sharing_is_exact` check each layout on the actual model once; the padded
+layout is the fallback. Targets are shifted here (target[t] = label[t + 1]) so that no prediction
+crosses an example boundary.
 """
 
 from __future__ import annotations
@@ -89,6 +93,49 @@ def collate_packed(examples: list, pad_id: int, row_tokens: int) -> Batch:
     )
 
 
+# A shared prefix shorter than this saves too little to pay for the extra forward call.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(examples: list) -> int:
+    """Tokens every example starts with, up to (not including) the first position with a target."""
+    first = examples[0].input_ids
+    length = min(len(e.input_ids) for e in examples) - 1
+    for example in examples[1:]:
+        ids = example.input_ids
+        common = 0
+        while common < length and ids[common] == first[common]:
+            common += 1
+        length = common
+    for example in examples:  # the prefix's own predictions must all be unlabelled
+        labelled = [t for t, label in enumerate(example.labels) if label != IGNORE]
+        if labelled:
+            length = min(length, labelled[0] - 1)
+    return max(length, 0)
+
+
+def collate_shared_prefix(examples: list, pad_id: int, prefix_length: int) -> Batch:
+    """The common prefix once (1 × P) and the suffixes right-padded (B × S), with positions after P."""
+    suffixes = [e.input_ids[prefix_length:] for e in examples]
+    width = max(len(s) for s in suffixes)
+    input_ids, mask, positions, targets = [], [], [], []
+    for example, suffix in zip(examples, suffixes):
+        pad = width - len(suffix)
+        input_ids.append(suffix + [pad_id] * pad)
+        mask.append([1] * (prefix_length + len(suffix)) + [0] * pad)
+        positions.append(list(range(prefix_length, prefix_length + width)))
+        targets.append(_shifted_targets(example.labels)[prefix_length:] + [IGNORE] * pad)
+    targets_tensor = torch.tensor(targets)
+    return Batch(
+        inputs={"prefix_ids": torch.tensor([examples[0].input_ids[:prefix_length]]),
+                "input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(mask),
+                "position_ids": torch.tensor(positions)},
+        targets=targets_tensor,
+        real_tokens=sum(len(e.input_ids) for e in examples),
+        label_tokens=int((targets_tensor != IGNORE).sum()),
+    )
+
+
 def collate_padded(examples: list, pad_id: int) -> Batch:
     """One example per row, right-padded to the longest, with an attention mask."""
     width = max(len(e.input_ids) for e in examples)
@@ -105,6 +152,49 @@ def collate_padded(examples: list, pad_id: int) -> Batch:
         real_tokens=sum(len(e.input_ids) for e in examples),
         label_tokens=int((targets_tensor != IGNORE).sum()),
     )
+
+
+def forward_hidden(body, inputs: dict) -> torch.Tensor:
+    """Last hidden states of the model body for any of the layouts above."""
+    if "prefix_ids" not in inputs:
+        return body(**inputs, use_cache=False).last_hidden_state
+    cache = body(input_ids=inputs["prefix_ids"], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(inputs["input_ids"].shape[0])  # the prefix's keys and values, per row
+    suffix_inputs = {k: v for k, v in inputs.items() if k != "prefix_ids"}
+    return body(**suffix_inputs, past_key_values=cache, use_cache=True).last_hidden_state
+
+
+@torch.no_grad()
+def prefix_sharing_is_exact(model, vocab_size: int, tolerance: float = 1e-4) -> bool:
+    """Does running a shared prefix once through the cache give the rows' own hidden states?"""
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        return False
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, vocab_size, (1, 4), generator=generator).tolist()[0]
+    rows = [prefix + torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in (3, 2)]
+    was_training = model.training
+    model.eval()
+    try:
+        alone = [body(input_ids=torch.tensor([r], device=device), use_cache=False).last_hidden_state[0, 4:]
+                 for r in rows]
+        batch = collate_shared_prefix([_Probe(r) for r in rows], 0, 4).to(device)
+        shared = forward_hidden(body, batch.inputs)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return False
+    finally:
+        model.train(was_training)
+    return all(bool((a - shared[i, : a.shape[0]]).abs().max() <= tolerance) for i, a in enumerate(alone))
+
+
+@dataclass
+class _Probe:
+    input_ids: list
+    labels: list = None
+
+    def __post_init__(self):
+        self.labels = [IGNORE] * len(self.input_ids)
 
 
 @torch.no_grad()

@@ -24,7 +24,16 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from lorafit.errors import LorafitError
-from lorafit.train.batching import collate_packed, collate_padded, packing_is_exact, plan_batches
+from lorafit.train.batching import (
+    MIN_SHARED_PREFIX,
+    collate_packed,
+    collate_padded,
+    collate_shared_prefix,
+    packing_is_exact,
+    plan_batches,
+    prefix_sharing_is_exact,
+    shared_prefix_length,
+)
 from lorafit.train.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
 from lorafit.train.loss import summed_token_loss
 
@@ -107,6 +116,26 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _choose_collate(model, vocab_size: int, pad_id: int, settings: LoopSettings, echo) -> Callable:
+    """The cheapest exact layout for each micro-batch: a shared prefix once, else packed, else padded."""
+    packed = packing_is_exact(model, vocab_size)
+    # Gradient checkpointing in transformers turns the key/value cache off, which the prefix path needs.
+    shared = not settings.gradient_checkpointing and prefix_sharing_is_exact(model, vocab_size)
+    echo("batches: " + ("packed (no padding, examples kept apart)" if packed else "padded to the longest row")
+         + (", a prompt prefix shared by all rows computed once" if shared else ""))
+
+    def collate(examples: list):
+        if shared and len(examples) > 1:
+            prefix = shared_prefix_length(examples)
+            suffix_lengths = [len(e.input_ids) - prefix for e in examples]
+            padding = len(examples) * max(suffix_lengths) - sum(suffix_lengths)
+            if prefix >= MIN_SHARED_PREFIX and (len(examples) - 1) * prefix > padding:
+                return collate_shared_prefix(examples, pad_id, prefix)
+        return collate_packed(examples, pad_id, settings.row_tokens) if packed else collate_padded(examples, pad_id)
+
+    return collate
+
+
 def _micro_batches(lengths: list[int], settings: LoopSettings, position: Position):
     """Endless stream of (epoch, index-in-epoch, example indices), starting at `position`."""
     epoch, batch = position.epoch, position.batch
@@ -141,11 +170,7 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    packed = packing_is_exact(model, vocab_size)
-    collate = (lambda batch: collate_packed(batch, pad_id, settings.row_tokens)) if packed else (
-        lambda batch: collate_padded(batch, pad_id))
-    echo(f"batches: {'packed (no padding, examples kept apart)' if packed else 'padded to the longest row'}")
-
+    collate = _choose_collate(model, vocab_size, pad_id, settings, echo)
     checkpoints = run_dir / "checkpoints"
     position = Position()
     if resume is not None:

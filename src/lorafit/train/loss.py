@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lorafit.train.batching import IGNORE, Batch
+from lorafit.train.batching import IGNORE, Batch, forward_hidden
 
 # Config attributes of models whose logits are transformed after the head (soft-capping, scaling):
 # for those the loss goes through the model's own forward, which knows how.
@@ -40,9 +40,11 @@ def summed_token_loss(model, batch: Batch, chunk_tokens: int = 2048) -> torch.Te
     head, body = _head_and_body(model)
     targets = batch.targets
     if head is None:
+        if "prefix_ids" in batch.inputs:
+            raise ValueError("shared-prefix batches need a model with a separate body and output head")
         logits = model(**batch.inputs, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    hidden = body(**batch.inputs, use_cache=False).last_hidden_state
+    hidden = forward_hidden(body, batch.inputs)
     labelled = targets != IGNORE
     hidden, targets = hidden[labelled], targets[labelled]
     total = hidden.new_zeros((), dtype=torch.float32)
