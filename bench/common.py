@@ -1,0 +1,149 @@
+"""What every benchmark here shares: the machine line, the sgemm peak, min/median/max, FLOP counting.
+
+The rules these follow are /work/shared/BENCHMARKS.md: ratios measured side by side in one run,
+warm-up then >= 5 measured repetitions, peak RSS per configuration in its own process, useful FLOPs
+against this machine's sgemm peak measured in the same run, real (non-padding) tokens only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+SEED = 0
+LR = 2e-4  # lorafit's default (LoopSettings.lr); both sides use it, constant (no schedule)
+MAX_GRAD_NORM = 1.0  # lorafit's default clipping, and transformers Trainer's: both sides clip
+SGEMM_SIZE = 2048
+
+
+def machine_line() -> str:
+    """CPU model, cores, torch version and threads, as BENCHMARKS.md asks for."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = _cpu_flags()
+    simd = ", ".join(f for f in ("avx2", "avx512f", "amx_tile") if f in flags) or "no AVX2"
+    return (f"{cpu} ({simd}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"torch.get_num_threads() = {torch.get_num_threads()}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def today() -> str:
+    return datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+
+
+def sgemm_gflops(reps: int = 1, size: int = SGEMM_SIZE) -> list[float]:
+    """GFLOP/s of `reps` fp32 size^3 matmuls (2·size^3 FLOPs each), one sample per matmul."""
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.matmul(a, b, out=out)  # first call: allocation, thread-pool start
+    samples = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        samples.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return samples
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one quantity; summarised as median (min–max)."""
+
+    samples: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.samples.append(float(value))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def low(self) -> float:
+        return min(self.samples)
+
+    @property
+    def high(self) -> float:
+        return max(self.samples)
+
+    def text(self, fmt: str = "{:.3g}") -> str:
+        if not self.samples:
+            return "—"
+        return f"{fmt.format(self.median)} ({fmt.format(self.low)}–{fmt.format(self.high)})"
+
+
+@dataclass(frozen=True)
+class MatmulParameters:
+    """Parameters that take part in matmuls: the body's linear layers, the output head, the adapters."""
+
+    body: int
+    head: int
+    lora: int = 0
+
+    def useful_flops(self, real_tokens: int, label_tokens: int) -> float:
+        """One LoRA training step's useful work, per BENCHMARKS.md rule 4 (attention scores not counted).
+
+        Forward 2·N·T + backward to the inputs 2·N·T for the frozen body over the real tokens, the same
+        for the head but only over labelled positions, plus the adapters' forward and both backward
+        matmuls (6·N_lora·T).
+        """
+        return 4 * self.body * real_tokens + 4 * self.head * label_tokens + 6 * self.lora * real_tokens
+
+
+def matmul_parameters(model: nn.Module) -> MatmulParameters:
+    """Count N on a plain (not yet adapted) causal LM: every nn.Linear; the output embedding is the head."""
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    return MatmulParameters(body=body, head=head.weight.numel())
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux).
+
+    Linux keeps ru_maxrss across fork and exec: a child started by a parent that had grown to 8 GiB
+    reports >= 8 GiB. So bench/run.py starts its memory children while it is still small, and each
+    child also reports VmHWM (`high_water_rss_mib`), which starts afresh at exec.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mib(field_name: str) -> float:
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def current_rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def high_water_rss_mib() -> float:
+    """This address space's peak resident memory (VmHWM), which exec resets, unlike ru_maxrss."""
+    return _status_mib("VmHWM")
