@@ -118,8 +118,9 @@ def _notes(quick: bool, specs, inference) -> list[str]:
         "batches follow the loop's plan (`plan_batches`, seed 0, epoch 0), the same for both sides, and the "
         "side that goes first alternates from step to step.",
         "lorafit side: `attach`, the batch layout lorafit's loop picks (shared prompt prefix computed once, "
-        "else packed rows of ≤ 2048 tokens, else padded), `summed_token_loss` (head on labelled positions, "
-        "chunked and recomputed in backward), loss / label tokens, backward, clip 1.0, AdamW (lr 2e-4, "
+        "else each example of ≥ 128 tokens as its own forward call and the shorter ones packed in rows of "
+        "≤ 128 tokens), `summed_token_loss` (head on labelled positions in chunks, the gradient to the hidden "
+        "states computed in the same pass), loss / label tokens, backward, clip 1.0, AdamW (lr 2e-4, "
         "no weight decay). peft side: `get_peft_model`, rows right-padded to the longest, "
         "`model(input_ids, attention_mask, labels).loss` (full logits), backward, clip 1.0, AdamW (same). "
         "fp32, CPU, the same threads; collation is inside the timed step on both sides.",

@@ -37,8 +37,8 @@ def _lorafit_collate(model, vocab_size: int, pad_id: int):
     if chooser is not None:
         return chooser(model, vocab_size, pad_id, loop.LoopSettings(steps=1), echo=lambda _: None)
     packed = batching.packing_is_exact(model, vocab_size)
-    return lambda examples: (batching.collate_packed(examples, pad_id, 2048) if packed
-                             else batching.collate_padded(examples, pad_id))
+    return lambda examples: [batching.collate_packed(examples, pad_id, 2048) if packed
+                             else batching.collate_padded(examples, pad_id)]
 
 
 class LorafitSide:
@@ -72,14 +72,21 @@ class LorafitSide:
     def step(self, examples: list) -> dict:
         from lorafit.train.loss import summed_token_loss
 
-        batch = self.collate(examples)
-        loss = summed_token_loss(self.model, batch)
-        (loss / batch.label_tokens).backward()
+        pieces = self.collate(examples)  # one micro-batch as one or more forward calls, as the loop runs it
+        if not isinstance(pieces, list):
+            pieces = [pieces]
+        label_tokens = sum(piece.label_tokens for piece in pieces)
+        loss_sum = 0.0
+        for piece in pieces:
+            loss = summed_token_loss(self.model, piece)
+            (loss / label_tokens).backward()
+            loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item() / batch.label_tokens, "real_tokens": batch.real_tokens,
-                "label_tokens": batch.label_tokens, "computed_tokens": _computed_tokens(batch.inputs)}
+        return {"loss": loss_sum / label_tokens, "real_tokens": sum(piece.real_tokens for piece in pieces),
+                "label_tokens": label_tokens,
+                "computed_tokens": sum(_computed_tokens(piece.inputs) for piece in pieces)}
 
 
 def _computed_tokens(inputs: dict) -> int:

@@ -121,6 +121,32 @@ def test_adapter_per_row_equals_running_each_row_with_its_own_adapter():
     assert all(m.row_adapters is None for m in model.modules() if isinstance(m, LoraLinear))
 
 
+def test_adapter_per_row_reuses_its_stacks_until_a_weight_changes_and_keeps_gradients():
+    model = tiny_llama()
+    for name in ("a", "b"):
+        lorafit.attach(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), name)
+    randomize_adapters(model, scale=0.3)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    probe = model.model.layers[0].self_attn.q_proj
+    with lorafit.adapter_per_row(model, ["b", "a"]):
+        with torch.no_grad():
+            first = model(ids).logits
+            stacks = probe._row_adapter_cache[1]
+            again = model(ids).logits
+            assert probe._row_adapter_cache[1] is stacks  # decoding does not re-stack per token
+            probe.lora_B["a"].mul_(2.0)  # an in-place update (an optimizer step) invalidates the stacks
+            changed = model(ids).logits
+            assert probe._row_adapter_cache[1] is not stacks
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(".lora_" in name)
+        loss = model(ids).logits.sum()  # with autograd: gradients reach every row's adapter
+        loss.backward()
+    torch.testing.assert_close(first, again)
+    assert not torch.allclose(first[1], changed[1]) and torch.allclose(first[0], changed[0])
+    assert probe.lora_A["a"].grad.abs().sum() > 0 and probe.lora_A["b"].grad.abs().sum() > 0
+    assert not hasattr(probe, "_row_adapter_cache")
+
+
 def test_adapter_per_row_errors():
     model = _two_adapter_model()
     with pytest.raises(LorafitError, match="no adapter named 'zzz'"):

@@ -190,6 +190,7 @@ def adapter_per_row(model: nn.Module, names: list[str]) -> Iterator[nn.Module]:
     finally:
         for _, wrapper in found:
             wrapper.row_adapters = None
+            wrapper.__dict__.pop("_row_adapter_cache", None)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -11,6 +11,7 @@ from lorafit.train.batching import (
     IGNORE,
     collate_packed,
     collate_padded,
+    collate_pieces,
     collate_shared_prefix,
     packing_is_exact,
     plan_batches,
@@ -76,6 +77,63 @@ def test_chunked_head_equals_a_single_chunk():
     lorafit.attach(model, LoraConfig(target_modules=["q_proj"]))
     batch = collate_packed(_examples(), 0, row_tokens=100)
     assert torch.allclose(summed_token_loss(model, batch, chunk_tokens=3), summed_token_loss(model, batch), atol=1e-4)
+
+
+def _loss_and_gradients(model, batches, **loss_options):
+    model.zero_grad()
+    total = 0.0
+    for batch in batches:
+        loss = summed_token_loss(model, batch, **loss_options)
+        (loss / 7.0).backward()  # a scale, as the loop divides by the step's label tokens
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]], ids=["frozen-head", "adapted-head"])
+def test_head_gradient_in_forward_equals_autograd_with_any_chunking(targets):
+    """Frozen head: the gradient computed in the forward pass; adapted head: the checkpointed chunks."""
+    model = tiny_llama()
+    lorafit.attach(model, LoraConfig(r=4, target_modules=targets))
+    randomize_adapters(model, scale=0.1)
+    examples = _examples()
+    batch = collate_packed(examples, 0, row_tokens=100)
+    for chunk_tokens in (3, 1024):
+        loss, ours = _loss_and_gradients(model, [batch], chunk_tokens=chunk_tokens)
+        model.zero_grad()
+        reference = _reference_loss(model, examples)
+        (reference / 7.0).backward()
+        assert abs(loss - reference.item()) <= 1e-4 * reference.item()
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                torch.testing.assert_close(ours[name], parameter.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_long_examples_run_alone_and_the_pieces_add_up_to_the_reference(packed):
+    model = tiny_llama()
+    lorafit.attach(model, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, scale=0.1)
+    examples = random_examples(7, 3, lengths=(3, 40))
+    long = [e for e in examples if len(e.input_ids) >= 20]
+    assert 1 <= len(long) < len(examples)
+    pieces = collate_pieces(examples, 0, row_tokens=20, packed=packed)
+
+    assert len(pieces) == len(long) + 1
+    for piece, example in zip(pieces, sorted(long, key=lambda e: len(e.input_ids), reverse=True)):
+        assert list(piece.inputs) == ["input_ids"]  # no mask, no positions: the plain causal kernel
+        assert piece.inputs["input_ids"][0].tolist() == example.input_ids
+    assert sum(p.real_tokens for p in pieces) == sum(len(e.input_ids) for e in examples)
+    if packed:  # the short examples share rows of at most row_tokens
+        assert pieces[-1].inputs["input_ids"].shape[-1] <= 20
+
+    loss, ours = _loss_and_gradients(model, pieces)
+    model.zero_grad()
+    reference = _reference_loss(model, examples)
+    (reference / 7.0).backward()
+    assert abs(loss - reference.item()) <= 1e-4 * reference.item()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(ours[name], parameter.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_batch_plan_is_a_deterministic_permutation_grouped_by_length():

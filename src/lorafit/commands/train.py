@@ -102,6 +102,9 @@ class TrainConfig:
     """Also train on prompt tokens (default: loss on responses only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, more time."""
+    row_tokens: int = 128
+    """Examples at least this long run as their own forward call (no mask, causal attention kernel, memory
+    freed piece by piece); shorter ones are packed into rows of this many tokens."""
     eval_every: int = 0
     """Held-out loss every N steps (0: only before and after)."""
     eval_examples: int = 100
@@ -140,7 +143,7 @@ def _check(config: TrainConfig) -> None:
                            + f"; methods: {', '.join(METHODS)}")
     positive = {"r": config.r, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
                 "max_length": config.max_length, "eval_examples": config.eval_examples,
-                "max_new_tokens": config.max_new_tokens}
+                "max_new_tokens": config.max_new_tokens, "row_tokens": config.row_tokens}
     for name, value in positive.items():
         if value < 1:
             raise LorafitError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -268,6 +271,7 @@ def run(config: TrainConfig, echo=print) -> dict:
         weight_decay=config.weight_decay, warmup_steps=warmup, max_grad_norm=config.max_grad_norm, seed=config.seed,
         eval_every=config.eval_every, save_every=config.save_every, keep_checkpoints=config.keep_checkpoints,
         gradient_checkpointing=config.gradient_checkpointing, on_nonfinite=config.on_nonfinite,
+        row_tokens=config.row_tokens,
         b_lr_ratio=config.lora_plus_ratio,
     )
     result = train(model, train_set, settings, run_dir, pad_id=pad_id, vocab_size=len(tokenizer),

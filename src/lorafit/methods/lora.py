@@ -160,43 +160,74 @@ class LoraLinear(AdapterWrapper):
         if self.adapters_disabled:
             return out
         if self.row_adapters is not None:
-            return out + self._per_row_bypass(x).to(out.dtype)
+            return self._add_per_row_bypass(x, out)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
             if self.specs[name].use_dora:
                 out = self._dora(name, x, out)
                 continue
-            delta = self._bypass(name, x).to(out.dtype)
             if name in self.lora_slice_rows:
-                out = out.index_add(-1, self.lora_slice_rows[name].rows, delta)
+                out = out.index_add(-1, self.lora_slice_rows[name].rows, self._bypass(name, x).to(out.dtype))
+            elif out.dtype == self.lora_B[name].dtype:
+                out = self._add_bypass(name, x, out)
             else:
-                out = out + delta
+                out = out + self._bypass(name, x).to(out.dtype)
         return out
+
+    def _adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A[name].dtype)  # no copy when the dtypes already agree
+        if name in self.lora_dropout:
+            x = self.lora_dropout[name](x)
+        return x
+
+    def _add_bypass(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + s · B (A x) with the scaling and the sum folded into the second matmul (one addmm).
+
+        Without autograd (inference) the sum is written into `out`, the base layer's fresh output, so an
+        unmerged adapter costs its two thin matmuls and no extra pass over the layer's output.
+        """
+        lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.specs[name].scaling
+        hidden = F.linear(self._adapter_input(name, x), lora_a).reshape(-1, lora_a.shape[0])
+        flat = out.reshape(-1, out.shape[-1])
+        if torch.is_grad_enabled() or flat.data_ptr() != out.data_ptr():
+            return torch.addmm(flat, hidden, lora_b.t(), alpha=scaling).view(out.shape)
+        return flat.addmm_(hidden, lora_b.t(), alpha=scaling).view(out.shape)
 
     def _bypass(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """s · B (A x) for one adapter: only the output rows it covers when it is sliced."""
         lora_a, lora_b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
-        x = x.to(lora_a.dtype)  # no copy when the dtypes already agree
-        if name in self.lora_dropout:
-            x = self.lora_dropout[name](x)
-        hidden = F.linear(x, lora_a) * spec.scaling  # the scaling costs r, not out, multiplies per token
+        hidden = F.linear(self._adapter_input(name, x), lora_a) * spec.scaling  # r, not out, multiplies per token
         if spec.slices is None:
             return F.linear(hidden, lora_b)
         group_sizes = [len(spec.slices.rows_of(g)) for g in spec.slices.adapt]
         parts = zip(hidden.split(spec.rank, dim=-1), lora_b.split(group_sizes, dim=0))
         return torch.cat([F.linear(h, b) for h, b in parts], dim=-1)
 
-    def _per_row_bypass(self, x: torch.Tensor) -> torch.Tensor:
+    def _add_per_row_bypass(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row i of the batch through adapter row_adapters[i], all rows in two batched matmuls.
 
         The distinct adapters' A and s·B are stacked (zero-padded to the largest rank; a zero row adds
         nothing) and gathered per row, so the cost is one bmm pair, not a Python loop over adapters.
-        Rows whose adapter does not touch this module get zeros.
+        Rows whose adapter does not touch this module get zeros. Without autograd the gathered stacks
+        are kept until the adapters' weights change (decoding reuses them for every new token).
         """
         names = self.row_adapters
         if len(names) != x.shape[0]:
             raise LorafitError(f"adapter_per_row names {len(names)} adapters for a batch of {x.shape[0]} rows")
+        if torch.is_grad_enabled():
+            rows_a, rows_b = self._gather_row_adapters(names, x.device)
+        else:
+            rows_a, rows_b = self._cached_row_adapters(names, x.device)
+        rows_x = x.reshape(x.shape[0], -1, self.in_features).to(rows_a.dtype)
+        hidden = torch.bmm(rows_x, rows_a)
+        rows_out = out.reshape(out.shape[0], -1, self.out_features)
+        if out.dtype == rows_b.dtype and not torch.is_grad_enabled() and rows_out.data_ptr() == out.data_ptr():
+            return rows_out.baddbmm_(hidden, rows_b).view(out.shape)
+        return out + torch.bmm(hidden, rows_b).reshape(out.shape).to(out.dtype)
+
+    def _gather_row_adapters(self, names: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: Aᵀ (in × r) and (s·B)ᵀ (r × out) of that row's adapter, ready for bmm."""
         distinct = list(dict.fromkeys(names))
         rank = max((self.lora_A[n].shape[0] for n in distinct if n in self.lora_A), default=1)
         reference = next(iter(self.lora_A.values()))
@@ -207,10 +238,18 @@ class LoraLinear(AdapterWrapper):
                 r = self.lora_A[name].shape[0]
                 stacked_a[index, :r] = self.lora_A[name]
                 stacked_b[index, :, :r] = self.lora_B[name] * self.specs[name].scaling
-        rows = torch.tensor([distinct.index(n) for n in names], device=x.device)
-        rows_x = x.reshape(x.shape[0], -1, self.in_features).to(reference.dtype)
-        hidden = torch.bmm(rows_x, stacked_a[rows].transpose(1, 2))
-        return torch.bmm(hidden, stacked_b[rows].transpose(1, 2)).reshape(*x.shape[:-1], self.out_features)
+        rows = torch.tensor([distinct.index(n) for n in names], device=device)
+        return stacked_a[rows].transpose(1, 2), stacked_b[rows].transpose(1, 2)
+
+    def _cached_row_adapters(self, names: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        involved = [t for n in dict.fromkeys(names) if n in self.lora_A for t in (self.lora_A[n], self.lora_B[n])]
+        key = (tuple(names), str(device), tuple((id(t), t._version) for t in involved))
+        cached = getattr(self, "_row_adapter_cache", None)
+        if cached is None or cached[0] != key:
+            rows_a, rows_b = self._gather_row_adapters(names, device)
+            cached = (key, rows_a.contiguous(), rows_b.contiguous())
+            self._row_adapter_cache = cached
+        return cached[1], cached[2]
 
     def _dora_column_norm(self, name: str) -> torch.Tensor:
         """‖W + s·B·A‖ per output row, detached: the paper's trick to save memory and keep training stable."""

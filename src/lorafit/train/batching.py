@@ -1,9 +1,14 @@
 """Batches without wasted work: no padding, and a prompt prefix the rows share computed once.
 
-Two layouts, both exact (the same loss and gradients as running the examples one by one):
+Layouts, all exact (the same loss and gradients as running the examples one by one):
 - packed: the examples are concatenated into as few rows as fit `row_tokens`, with position ids
   restarting at 0 for every example. transformers turns restarting position ids (and no attention
   mask) into a block-diagonal causal mask, so packed examples never see each other.
+- long examples apart: an example of at least `row_tokens` tokens runs as its own forward call with
+  no mask at all. Attention then takes the causal kernel, which skips the masked upper triangle
+  (a block-diagonal mask cannot: a packed row of W tokens costs W² however it is split), and the
+  call's activations are freed by its backward before the next piece runs, so peak memory follows
+  the largest piece, not the whole micro-batch. `collate_pieces` makes that split.
 - shared prefix: when the rows start with the same tokens (a chat template's system prompt, a
   task's fixed instruction), their hidden states there are identical under causal attention. The
   prefix runs once (batch 1, with gradients), its key/value cache is repeated across the batch, and
@@ -15,6 +20,7 @@ crosses an example boundary.
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass
 
@@ -93,6 +99,31 @@ def collate_packed(examples: list, pad_id: int, row_tokens: int) -> Batch:
     )
 
 
+def collate_alone(example) -> Batch:
+    """One example as a batch of one, without padding or mask (the causal attention kernel)."""
+    targets = torch.tensor([_shifted_targets(example.labels)])
+    return Batch(
+        inputs={"input_ids": torch.tensor([example.input_ids])},
+        targets=targets,
+        real_tokens=len(example.input_ids),
+        label_tokens=int((targets != IGNORE).sum()),
+    )
+
+
+def collate_pieces(examples: list, pad_id: int, row_tokens: int, packed: bool) -> list[Batch]:
+    """A micro-batch as forward calls: each long example alone, the short ones packed (or padded) together.
+
+    "Long" is at least `row_tokens` tokens. Each piece is forwarded and backpropagated on its own
+    (the loop sums their gradients), so this is still one micro-batch of the plan.
+    """
+    long = [e for e in examples if len(e.input_ids) >= row_tokens]
+    short = [e for e in examples if len(e.input_ids) < row_tokens]
+    pieces = [collate_alone(e) for e in sorted(long, key=lambda e: len(e.input_ids), reverse=True)]
+    if short:
+        pieces.append(collate_packed(short, pad_id, row_tokens) if packed else collate_padded(short, pad_id))
+    return pieces
+
+
 # A shared prefix shorter than this saves too little to pay for the extra forward call.
 MIN_SHARED_PREFIX = 16
 
@@ -158,10 +189,13 @@ def forward_hidden(body, inputs: dict) -> torch.Tensor:
     """Last hidden states of the model body for any of the layouts above."""
     if "prefix_ids" not in inputs:
         return body(**inputs, use_cache=False).last_hidden_state
-    cache = body(input_ids=inputs["prefix_ids"], use_cache=True).past_key_values
+    prefix_output = body(input_ids=inputs["prefix_ids"], use_cache=True)
+    cache = prefix_output["cache"] if "cache" in prefix_output else prefix_output["past_key_values"]
     cache.batch_repeat_interleave(inputs["input_ids"].shape[0])  # the prefix's keys and values, per row
     suffix_inputs = {k: v for k, v in inputs.items() if k != "prefix_ids"}
-    return body(**suffix_inputs, past_key_values=cache, use_cache=True).last_hidden_state
+    # transformers ≥ 5.24 names the argument `cache`; earlier versions `past_key_values`
+    cache_argument = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    return body(**suffix_inputs, **{cache_argument: cache}, use_cache=True).last_hidden_state
 
 
 @torch.no_grad()

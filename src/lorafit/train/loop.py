@@ -26,8 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 from lorafit.errors import LorafitError
 from lorafit.train.batching import (
     MIN_SHARED_PREFIX,
-    collate_packed,
-    collate_padded,
+    collate_pieces,
     collate_shared_prefix,
     packing_is_exact,
     plan_batches,
@@ -53,7 +52,7 @@ class LoopSettings:
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
-    row_tokens: int = 2048  # packed row capacity
+    row_tokens: int = 128  # examples this long run alone (causal kernel); shorter ones are packed into rows this wide
     gradient_checkpointing: bool = False
     on_nonfinite: str = "stop"  # or "skip"
     b_lr_ratio: float = 1.0  # LoRA+: B's learning rate = ratio × A's
@@ -117,11 +116,16 @@ def _autocast(device: torch.device):
 
 
 def _choose_collate(model, vocab_size: int, pad_id: int, settings: LoopSettings, echo) -> Callable:
-    """The cheapest exact layout for each micro-batch: a shared prefix once, else packed, else padded."""
+    """The cheapest exact layout for each micro-batch, as a list of forward calls ("pieces").
+
+    A prompt prefix shared by all rows computed once; else long examples alone and the short ones
+    packed (padded when this model cannot keep packed examples apart).
+    """
     packed = packing_is_exact(model, vocab_size)
     # Gradient checkpointing in transformers turns the key/value cache off, which the prefix path needs.
     shared = not settings.gradient_checkpointing and prefix_sharing_is_exact(model, vocab_size)
-    echo("batches: " + ("packed (no padding, examples kept apart)" if packed else "padded to the longest row")
+    echo(f"batches: examples of ≥ {settings.row_tokens} tokens run alone, shorter ones "
+         + ("packed (no padding, examples kept apart)" if packed else "padded to the longest")
          + (", a prompt prefix shared by all rows computed once" if shared else ""))
 
     def collate(examples: list):
@@ -130,8 +134,8 @@ def _choose_collate(model, vocab_size: int, pad_id: int, settings: LoopSettings,
             suffix_lengths = [len(e.input_ids) - prefix for e in examples]
             padding = len(examples) * max(suffix_lengths) - sum(suffix_lengths)
             if prefix >= MIN_SHARED_PREFIX and (len(examples) - 1) * prefix > padding:
-                return collate_shared_prefix(examples, pad_id, prefix)
-        return collate_packed(examples, pad_id, settings.row_tokens) if packed else collate_padded(examples, pad_id)
+                return [collate_shared_prefix(examples, pad_id, prefix)]
+        return collate_pieces(examples, pad_id, settings.row_tokens, packed)
 
     return collate
 
@@ -191,7 +195,7 @@ def train(
             micro = []
             for _ in range(settings.grad_accum):
                 epoch, index, indices = next(stream)
-                micro.append(collate([examples[i] for i in indices]).to(device))
+                micro.extend(piece.to(device) for piece in collate([examples[i] for i in indices]))
                 position.epoch, position.batch = epoch, index + 1
             label_tokens = sum(b.label_tokens for b in micro)
             real_tokens = sum(b.real_tokens for b in micro)

@@ -2,9 +2,16 @@
 
 The output head is ~21% of SmolLM2's matmul work and its logits (tokens × 49,152 floats) are the
 largest activation of a step; a plain `model(labels=...)` spends both on every prompt and padding
-position. Here the body runs once, the hidden states at labelled positions are gathered, and the head
-plus cross-entropy run on those in chunks, each recomputed in backward rather than kept (torchtune's
-idea: drop ignored tokens before the vocabulary projection).
+position. Here the body runs once, the hidden states at labelled positions are gathered (torchtune's
+idea: drop ignored tokens before the vocabulary projection), and the head plus cross-entropy run on
+those in chunks.
+
+When the head is frozen (it is, unless an adapter trains it) the chunks go through
+`FrozenHeadCrossEntropy`, which computes the gradient with respect to the hidden states in the same
+pass: d(CE)/d(logits) = softmax − one-hot, so d(CE)/dh = (softmax − one-hot)·W. It keeps that
+gradient (tokens × hidden) and nothing else, so backward costs a multiplication by a scalar instead
+of a second and third head matmul (a recomputed forward and the product with W), and no chunk of
+logits outlives its loop iteration.
 """
 
 from __future__ import annotations
@@ -35,7 +42,41 @@ def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def summed_token_loss(model, batch: Batch, chunk_tokens: int = 2048) -> torch.Tensor:
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)` whose gradient reaches `hidden` only.
+
+    Forward runs the head chunk by chunk and stores d(loss)/d(hidden); backward scales it by the
+    incoming gradient. Exact (the same formula autograd would apply), for a head with no trainable
+    parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            chunk = slice(start, start + chunk_tokens)
+            logits = F.linear(hidden[chunk], weight, bias).float()
+            log_probs = logits.log_softmax(dim=-1)
+            total += F.nll_loss(log_probs, targets[chunk], reduction="sum")
+            # softmax − one-hot, written into the logits' storage to keep one vocabulary-sized buffer
+            grad_logits = log_probs.exp_()
+            grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), targets[chunk]] -= 1.0
+            grad_hidden[chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
+def _head_is_frozen(head) -> bool:
+    return isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters())
+
+
+def summed_token_loss(model, batch: Batch, chunk_tokens: int = 1024) -> torch.Tensor:
     """Sum of cross-entropy over the batch's label tokens (the caller divides by the step's count)."""
     head, body = _head_and_body(model)
     targets = batch.targets
@@ -47,6 +88,8 @@ def summed_token_loss(model, batch: Batch, chunk_tokens: int = 2048) -> torch.Te
     hidden = forward_hidden(body, batch.inputs)
     labelled = targets != IGNORE
     hidden, targets = hidden[labelled], targets[labelled]
+    if torch.is_grad_enabled() and hidden.requires_grad and _head_is_frozen(head):
+        return FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
     for hidden_chunk, target_chunk in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
         if torch.is_grad_enabled():
