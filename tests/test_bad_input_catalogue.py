@@ -104,6 +104,8 @@ def test_targets_matching_nothing_name_the_closest_modules(setup, capsys):
     (["--lr", "-0.1"], "--lr must be > 0"),
     (["--steps", "-3"], "--steps must be > 0"),
     (["--method", "loar"], "--method 'loar' is unknown (did you mean lora?)"),
+    (["--train-head"], "--train-head is a BitFit setting; it needs --method bitfit (got --method lora)"),
+    (["--row-tokens", "0"], "--row-tokens must be >= 1"),
 ])
 def test_bad_numbers_and_methods(setup, capsys, flags, message):
     assert message in _fail(capsys, _train(setup, *flags))

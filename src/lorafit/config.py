@@ -275,7 +275,9 @@ class BitFitConfig:
     target_modules None means every Linear, Conv1D and LayerNorm that has a bias; a list picks a subset
     (the paper's smallest variant: the query and the MLP-intermediate biases, e.g. ["q_proj", "up_proj"]).
     Models without biases (Llama) have nothing to train unless `add_missing_bias` gives the targets
-    zero-initialised biases (the model starts unchanged).
+    zero-initialised biases (the model starts unchanged). `train_head` also trains the output head's
+    weight, as the paper trains its task head (for a language model that is the vocabulary projection,
+    hidden × vocab parameters: far more than the biases).
     """
 
     target_modules: Targets = None
@@ -283,13 +285,15 @@ class BitFitConfig:
     layers: Union[list, int, None] = None
     layers_pattern: Union[str, list, None] = None
     add_missing_bias: bool = False
+    train_head: bool = False
 
     method = "bitfit"
 
     def __post_init__(self) -> None:
         _check_selection(self)
-        if not isinstance(self.add_missing_bias, bool):
-            raise LorafitError(f"add_missing_bias must be true or false, got {self.add_missing_bias!r}")
+        for name in ("add_missing_bias", "train_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise LorafitError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

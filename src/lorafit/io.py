@@ -55,7 +55,7 @@ _KNOWN_KEYS = {
              "use_dora"},
     "ia3": {"peft_type", "target_modules", "feedforward_modules", "exclude_modules"},
     "bitfit": {"peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-               "add_missing_bias"},
+               "add_missing_bias", "train_head"},
 }
 _REQUIRED_KEYS = {"lora": ("r", "lora_alpha", "target_modules"), "ia3": ("target_modules",), "bitfit": ("target_modules",)}
 
@@ -158,7 +158,7 @@ def _ia3_file_config(model, config: IA3Config, paths: list[str], name: str) -> d
 
 def _bitfit_file_config(model, config: BitFitConfig, paths: list[str]) -> dict:
     return {"peft_type": "BITFIT", "lorafit_method": "bitfit", **_exported_targets(model, config, paths),
-            "add_missing_bias": config.add_missing_bias}
+            "add_missing_bias": config.add_missing_bias, "train_head": config.train_head}
 
 
 def save_adapter(
@@ -249,7 +249,8 @@ def config_from_file(raw: dict, where: Path):
         if method == "ia3":
             return IA3Config(**selection, feedforward_modules=raw.get("feedforward_modules"))
         if method == "bitfit":
-            return BitFitConfig(**selection, add_missing_bias=bool(raw.get("add_missing_bias", False)))
+            return BitFitConfig(**selection, add_missing_bias=bool(raw.get("add_missing_bias", False)),
+                                train_head=bool(raw.get("train_head", False)))
         return LoraConfig(
             r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout") or 0.0, **selection,
             rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},

@@ -77,3 +77,43 @@ def test_file_holds_only_the_biases_and_round_trips(tmp_path, input_ids):
     loaded = lorafit.load_adapter(tiny_gpt2(), tmp_path)
     with torch.no_grad():
         assert (loaded(input_ids).logits - model(input_ids).logits).abs().max().item() <= 1e-5
+
+
+def test_trainable_head_trains_merges_and_round_trips(tmp_path, input_ids):
+    """train_head: the head's weight as an offset; merged = unmerged; the file holds the trained weight."""
+    model = tiny_llama()
+    with torch.no_grad():
+        base_logits = model(input_ids).logits
+    head_weight = model.lm_head.weight.detach().clone()
+    lorafit.attach(model, BitFitConfig(train_head=True))  # Llama: no biases, so the head alone
+    assert lorafit.trainable_parameters(model).trainable == 64 * 32  # vocab × hidden
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, base_logits)
+    model(input_ids, labels=input_ids).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["lm_head.bitfit_weight.default"]
+    with torch.no_grad():
+        model.lm_head.bitfit_weight["default"].normal_(0, 0.3)
+        unmerged = model(input_ids).logits
+    assert (unmerged - base_logits).abs().max() > 1e-2
+
+    lorafit.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert list(tensors) == ["base_model.model.lm_head.weight"]
+    torch.testing.assert_close(tensors["base_model.model.lm_head.weight"],
+                               head_weight + model.lm_head.bitfit_weight["default"].detach())
+    loaded = lorafit.load_adapter(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert (loaded(input_ids).logits - unmerged).abs().max().item() <= 1e-5
+        lorafit.merge(model)
+        assert (model(input_ids).logits - unmerged).abs().max().item() <= 1e-5
+    lorafit.unmerge(model)
+    torch.testing.assert_close(model.lm_head.base_layer.weight, head_weight, atol=1e-6, rtol=0)
+
+
+def test_trainable_head_with_biases_and_a_tied_head(input_ids):
+    model = tiny_gpt2()  # GPT-2's head shares its weight with the token embedding
+    bias_count = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
+    lorafit.attach(model, BitFitConfig(train_head=True))
+    assert lorafit.trainable_parameters(model).trainable == bias_count + model.lm_head.weight.numel()
+    with pytest.raises(LorafitError, match="lm_head.weight is shared with transformer.wte.weight"):
+        lorafit.merge(model)

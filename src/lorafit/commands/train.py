@@ -78,6 +78,9 @@ class TrainConfig:
     """IA3: comma-separated targets whose input is scaled (default: the architecture's, down_proj for Llama)."""
     add_missing_bias: bool = False
     """BitFit: give targets without a bias a zero-initialised one (Llama has none)."""
+    train_head: bool = False
+    """BitFit: also train the output head's weight (hidden × vocab parameters; its merge is refused when the head
+    shares its weight with the input embeddings)."""
     steps: Optional[int] = None
     """Optimizer steps (default: one epoch; the built-in task uses its preset)."""
     epochs: Optional[float] = None
@@ -147,6 +150,9 @@ def _check(config: TrainConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise LorafitError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if config.method != "bitfit" and (config.add_missing_bias or config.train_head):
+        flag = "--add-missing-bias" if config.add_missing_bias else "--train-head"
+        raise LorafitError(f"{flag} is a BitFit setting; it needs --method bitfit (got --method {config.method})")
     if config.lora_plus_ratio <= 0:
         raise LorafitError(f"--lora-plus-ratio must be > 0, got {config.lora_plus_ratio}")
     for name in ("steps", "epochs", "lr"):
@@ -177,7 +183,8 @@ def adapter_config(config: TrainConfig):
     if config.method == "ia3":
         return IA3Config(target_modules=targets, feedforward_modules=_targets(config.feedforward_targets))
     if config.method == "bitfit":
-        return BitFitConfig(target_modules=targets, add_missing_bias=config.add_missing_bias)
+        return BitFitConfig(target_modules=targets, add_missing_bias=config.add_missing_bias,
+                            train_head=config.train_head)
     return LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, target_modules=targets,
                       use_rslora=config.use_rslora, init=config.init, use_dora=config.method == "dora")
 

@@ -41,8 +41,11 @@ class AdapterWrapper(nn.Module):
     # -- bookkeeping shared by every method -------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
-        first = getattr(self, self.adapter_parameter_dicts[0])
-        return list(first.keys())
+        """Adapters with a tensor here, in the order they were added (any parameter dict may hold one)."""
+        names: dict[str, None] = {}
+        for dict_name in self.adapter_parameter_dicts:
+            names.update(dict.fromkeys(getattr(self, dict_name).keys()))
+        return list(names)
 
     @property
     def weight(self) -> torch.Tensor:

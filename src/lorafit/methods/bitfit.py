@@ -4,11 +4,13 @@ Each selected module gets a per-adapter bias *offset*, initialised to zero and a
 so several BitFit adapters can coexist, be disabled or deleted like any other adapter, and the
 original biases stay untouched until a merge folds the offset in (b ← b + δ). Saved files hold the
 resulting biases under the modules' own names (`<path>.bias`): applying them is replacing biases.
+With `train_head` the output head gets a weight offset the same way (`<head path>.weight` in files).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorafit.config import BitFitConfig
@@ -37,11 +39,27 @@ def _has_bias(module: nn.Module) -> bool:
     return getattr(module, "bias", None) is not None
 
 
+def output_head_path(model: nn.Module) -> str | None:
+    """Module path of the model's output head (its vocabulary / task projection), if it is a Linear."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(head, "base_layer", head)
+    for path, module in model.named_modules():
+        if getattr(module, "base_layer", module) is head and ".base_layer" not in path and path:
+            return path if isinstance(head, nn.Linear) else None
+    return None
+
+
 def select(model: nn.Module, config: BitFitConfig) -> list[str]:
+    head_path = output_head_path(model) if config.train_head else None
+    if config.train_head and head_path is None:
+        raise LorafitError(f"train_head: {type(model).__name__} has no output head that is a Linear layer "
+                           "(get_output_embeddings() gives none)")
     if config.target_modules is None:
         with_bias = [p for p, m in model.named_modules()
                      if p and isinstance(getattr(m, "base_layer", m), bias_types()) and _has_bias(m)
                      and ".base_layer" not in p]
+        if not with_bias and head_path is not None:
+            return [head_path]
         if not with_bias:
             raise LorafitError(
                 f"{type(model).__name__} has no bias terms to train (its Linear and norm layers have none); "
@@ -50,8 +68,10 @@ def select(model: nn.Module, config: BitFitConfig) -> list[str]:
             )
         config = BitFitConfig(**{**config.to_dict(), "target_modules": with_bias})
     paths = select_modules(model, config, allowed_types=bias_types())
+    if head_path is not None and head_path not in paths:
+        paths.append(head_path)
     if not config.add_missing_bias:
-        missing = [p for p in paths if not _has_bias(model.get_submodule(p))]
+        missing = [p for p in paths if not _has_bias(model.get_submodule(p)) and p != head_path]
         if missing:
             raise LorafitError(
                 f"{missing[0]} has no bias" + (f" (nor do {len(missing) - 1} more targets)" if len(missing) > 1 else "")
@@ -61,26 +81,38 @@ def select(model: nn.Module, config: BitFitConfig) -> list[str]:
 
 
 class BitFitWrapper(AdapterWrapper):
-    """A frozen Linear / Conv1D / LayerNorm plus named bias offsets δ: y = f(x) + b + δ."""
+    """A frozen Linear / Conv1D / LayerNorm plus named offsets: y = f(x) + b + δ, or (W + Δ)x + b + δ (head)."""
 
-    adapter_parameter_dicts = ("bitfit_bias",)
+    adapter_parameter_dicts = ("bitfit_bias", "bitfit_weight")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.bitfit_bias = nn.ParameterDict()
+        self.bitfit_weight = nn.ParameterDict()  # only on the output head, with train_head
         self.out_features = _output_size(base_layer)
         self.bias_created_by_merge = False
 
-    def add_adapter(self, name: str, config: BitFitConfig, module_path: str, dtype: torch.dtype) -> None:
+    def add_adapter(self, name: str, config: BitFitConfig, module_path: str, dtype: torch.dtype,
+                    is_head: bool = False) -> None:
         device = self.base_layer.weight.device
-        self.bitfit_bias[name] = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device))
+        if not is_head or _has_bias(self) or config.add_missing_bias:
+            self.bitfit_bias[name] = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device))
+        if is_head:
+            self.bitfit_weight[name] = nn.Parameter(torch.zeros(self.base_layer.weight.shape, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.adapters_disabled:
-            return out
-        for name in self.active_adapters:
-            if name not in self.merged_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        active = [n for n in self.active_adapters if n not in self.merged_adapters]
+        weight_offsets = [self.bitfit_weight[n] for n in active if n in self.bitfit_weight]
+        if weight_offsets:  # one matmul with W + Δ rather than a second one for Δ
+            weight = self.base_layer.weight
+            weight = weight + sum(offset.to(weight.dtype) for offset in weight_offsets)
+            out = F.linear(x, weight, self.base_layer.bias)
+        else:
+            out = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            if name in self.bitfit_bias:
                 out = out + self.bitfit_bias[name].to(out.dtype)
         return out
 
@@ -89,24 +121,26 @@ class BitFitWrapper(AdapterWrapper):
         return bias.float() if bias is not None else torch.zeros(self.out_features, device=self.weight.device)
 
     def merge(self, names: list[str], module_path: str) -> None:
-        if self.base_layer.bias is None and any(n not in self.merged_adapters for n in names):
+        if self.base_layer.bias is None and any(n not in self.merged_adapters and n in self.bitfit_bias for n in names):
             if not isinstance(self.base_layer, (nn.Linear, nn.LayerNorm)):
                 raise LorafitError(f"{module_path} ({type(self.base_layer).__name__}) has no bias to merge into")
-            self.base_layer.bias = nn.Parameter(torch.zeros_like(self.bitfit_bias[names[0]], dtype=self.weight.dtype),
-                                                requires_grad=False)
+            self.base_layer.bias = nn.Parameter(torch.zeros(self.out_features, dtype=self.weight.dtype,
+                                                            device=self.weight.device), requires_grad=False)
             self.bias_created_by_merge = True
         super().merge(names, module_path)
 
     def check_merge(self, names: list[str], module_path: str) -> None:
         for name in names:
             if name not in self.merged_adapters:
-                self._cast_and_check_bias(self._base_bias() + self.bitfit_bias[name].detach().float(), name, module_path)
+                self._cast_and_check_new(self._merged_tensors(name), name, module_path)
 
-    def _cast_and_check_bias(self, value: torch.Tensor, name: str, module_path: str) -> None:
-        dtype = self.base_layer.bias.dtype if self.base_layer.bias is not None else self.weight.dtype
-        if not torch.isfinite(value.to(dtype)).all():
-            raise LorafitError(f"merging adapter {name!r} into {module_path}.bias would give NaN/Inf; "
-                               "refused, no weight was changed")
+    def _cast_and_check_new(self, tensors: dict[str, torch.Tensor], name: str, module_path: str) -> None:
+        for tensor_name, value in tensors.items():
+            current = getattr(self.base_layer, tensor_name)
+            dtype = current.dtype if current is not None else self.weight.dtype
+            if not torch.isfinite(value.to(dtype)).all():
+                raise LorafitError(f"merging adapter {name!r} into {module_path}.{tensor_name} would give NaN/Inf; "
+                                   "refused, no weight was changed")
 
     def unmerge(self, module_path: str) -> None:
         super().unmerge(module_path)
@@ -115,25 +149,46 @@ class BitFitWrapper(AdapterWrapper):
             self.bias_created_by_merge = False
 
     def _merged_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {"bias": self._base_bias() + self.bitfit_bias[name].detach().float()}
+        merged = {}
+        if name in self.bitfit_bias:
+            merged["bias"] = self._base_bias() + self.bitfit_bias[name].detach().float()
+        if name in self.bitfit_weight:
+            merged["weight"] = self.base_layer.weight.float() + self.bitfit_weight[name].detach().float()
+        return merged
 
     def _unmerged_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {"bias": self._base_bias() - self.bitfit_bias[name].detach().float()}
+        unmerged = {}
+        if name in self.bitfit_bias:
+            unmerged["bias"] = self._base_bias() - self.bitfit_bias[name].detach().float()
+        if name in self.bitfit_weight:
+            unmerged["weight"] = self.base_layer.weight.float() - self.bitfit_weight[name].detach().float()
+        return unmerged
 
-    # Files hold the trained biases (b + δ); checkpoints hold δ itself so that resume is bit-exact.
+    # Files hold the trained tensors (b + δ, W + Δ); checkpoints hold the offsets so that resume is bit-exact.
     def file_suffixes(self, name: str) -> dict[str, str]:
-        return {"bitfit_bias": "bitfit_bias"}
+        return {dict_name: dict_name for dict_name in self.adapter_parameter_dicts if name in getattr(self, dict_name)}
 
     def file_tensors(self, name: str, for_resume: bool = False) -> dict[str, torch.Tensor]:
-        offset = self.bitfit_bias[name].detach()
+        offsets = {dict_name: getattr(self, dict_name)[name].detach() for dict_name in self.file_suffixes(name)}
         if for_resume:
-            return {"bitfit_bias": offset}
-        return {"bias": (self._base_bias() + offset.float()).to(offset.dtype)}
+            return offsets
+        tensors = {}
+        if "bitfit_bias" in offsets:
+            tensors["bias"] = (self._base_bias() + offsets["bitfit_bias"].float()).to(offsets["bitfit_bias"].dtype)
+        if "bitfit_weight" in offsets:
+            delta = offsets["bitfit_weight"]
+            tensors["weight"] = (self.base_layer.weight.float() + delta.float()).to(delta.dtype)
+        return tensors
 
     @torch.no_grad()
     def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str, for_resume: bool = False) -> None:
-        offset = tensors["bitfit_bias"] if for_resume else tensors["bias"].float() - self._base_bias()
-        self.bitfit_bias[name].copy_(offset.to(self.bitfit_bias[name].dtype))
+        if name in self.bitfit_bias:
+            offset = tensors["bitfit_bias"] if for_resume else tensors["bias"].float() - self._base_bias()
+            self.bitfit_bias[name].copy_(offset.to(self.bitfit_bias[name].dtype))
+        if name in self.bitfit_weight:
+            offset = (tensors["bitfit_weight"] if for_resume
+                      else tensors["weight"].float() - self.base_layer.weight.float())
+            self.bitfit_weight[name].copy_(offset.to(self.bitfit_weight[name].dtype))
 
 
 WRAPPERS = (BitFitWrapper,)
@@ -144,4 +199,5 @@ def wrap(module: nn.Module) -> AdapterWrapper:
 
 
 def add(wrapper: BitFitWrapper, name: str, config: BitFitConfig, module_path: str, dtype: torch.dtype, model) -> None:
-    wrapper.add_adapter(name, config, module_path, dtype)
+    is_head = config.train_head and module_path == output_head_path(model)
+    wrapper.add_adapter(name, config, module_path, dtype, is_head=is_head)
