@@ -89,6 +89,16 @@ def _loss_and_gradients(model, batches, **loss_options):
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _assert_equals_the_reference(model, examples, loss: float, gradients: dict) -> None:
+    model.zero_grad()
+    reference = _reference_loss(model, examples)
+    (reference / 7.0).backward()
+    assert abs(loss - reference.item()) <= 1e-4 * reference.item()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(gradients[name], parameter.grad, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]], ids=["frozen-head", "adapted-head"])
 def test_head_gradient_in_forward_equals_autograd_with_any_chunking(targets):
     """Frozen head: the gradient computed in the forward pass; adapted head: the checkpointed chunks."""
@@ -99,13 +109,7 @@ def test_head_gradient_in_forward_equals_autograd_with_any_chunking(targets):
     batch = collate_packed(examples, 0, row_tokens=100)
     for chunk_tokens in (3, 1024):
         loss, ours = _loss_and_gradients(model, [batch], chunk_tokens=chunk_tokens)
-        model.zero_grad()
-        reference = _reference_loss(model, examples)
-        (reference / 7.0).backward()
-        assert abs(loss - reference.item()) <= 1e-4 * reference.item()
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                torch.testing.assert_close(ours[name], parameter.grad, atol=1e-6, rtol=1e-4)
+        _assert_equals_the_reference(model, examples, loss, ours)
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -127,13 +131,7 @@ def test_long_examples_run_alone_and_the_pieces_add_up_to_the_reference(packed):
         assert pieces[-1].inputs["input_ids"].shape[-1] <= 20
 
     loss, ours = _loss_and_gradients(model, pieces)
-    model.zero_grad()
-    reference = _reference_loss(model, examples)
-    (reference / 7.0).backward()
-    assert abs(loss - reference.item()) <= 1e-4 * reference.item()
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            torch.testing.assert_close(ours[name], parameter.grad, atol=1e-6, rtol=1e-4)
+    _assert_equals_the_reference(model, examples, loss, ours)
 
 
 def test_batch_plan_is_a_deterministic_permutation_grouped_by_length():
