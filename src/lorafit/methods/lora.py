@@ -164,15 +164,13 @@ class LoraLinear(AdapterWrapper):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            if self.specs[name].use_dora:
+            spec = self.specs[name]
+            if spec.use_dora:
                 out = self._dora(name, x, out)
-                continue
-            if name in self.lora_slice_rows:
+            elif spec.slices is not None:
                 out = out.index_add(-1, self.lora_slice_rows[name].rows, self._bypass(name, x).to(out.dtype))
-            elif out.dtype == self.lora_B[name].dtype:
-                out = self._add_bypass(name, x, out)
             else:
-                out = out + self._bypass(name, x).to(out.dtype)
+                out = self._add_bypass(name, spec, x, out)
         return out
 
     def _adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -181,18 +179,22 @@ class LoraLinear(AdapterWrapper):
             x = self.lora_dropout[name](x)
         return x
 
-    def _add_bypass(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _add_bypass(self, name: str, spec: AdapterSpec, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + s · B (A x) with the scaling and the sum folded into the second matmul (one addmm).
 
         Without autograd (inference) the sum is written into `out`, the base layer's fresh output, so an
-        unmerged adapter costs its two thin matmuls and no extra pass over the layer's output.
+        unmerged adapter costs its two thin matmuls and no extra pass over the layer's output. This runs
+        once per adapted layer per token when decoding, so it reads each attribute once.
         """
-        lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.specs[name].scaling
-        hidden = F.linear(self._adapter_input(name, x), lora_a).reshape(-1, lora_a.shape[0])
-        flat = out.reshape(-1, out.shape[-1])
-        if torch.is_grad_enabled() or flat.data_ptr() != out.data_ptr():
-            return torch.addmm(flat, hidden, lora_b.t(), alpha=scaling).view(out.shape)
-        return flat.addmm_(hidden, lora_b.t(), alpha=scaling).view(out.shape)
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        if lora_b.dtype != out.dtype:  # e.g. fp32 adapters on a bf16 base
+            return out + self._bypass(name, x).to(out.dtype)
+        if spec.dropout > 0 or x.dtype != lora_a.dtype:
+            x = self._adapter_input(name, x)
+        hidden = F.linear(x, lora_a).reshape(-1, spec.rank)
+        if torch.is_grad_enabled() or not out.is_contiguous():
+            return torch.addmm(out.reshape(-1, out.shape[-1]), hidden, lora_b.t(), alpha=spec.scaling).view(out.shape)
+        return out.view(-1, out.shape[-1]).addmm_(hidden, lora_b.t(), alpha=spec.scaling).view(out.shape)
 
     def _bypass(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """s · B (A x) for one adapter: only the output rows it covers when it is sliced."""
