@@ -132,9 +132,9 @@ class BitFitWrapper(AdapterWrapper):
     def check_merge(self, names: list[str], module_path: str) -> None:
         for name in names:
             if name not in self.merged_adapters:
-                self._cast_and_check_new(self._merged_tensors(name), name, module_path)
+                self._check_finite_where_bias_may_be_missing(self._merged_tensors(name), name, module_path)
 
-    def _cast_and_check_new(self, tensors: dict[str, torch.Tensor], name: str, module_path: str) -> None:
+    def _check_finite_where_bias_may_be_missing(self, tensors: dict[str, torch.Tensor], name: str, module_path: str) -> None:
         for tensor_name, value in tensors.items():
             current = getattr(self.base_layer, tensor_name)
             dtype = current.dtype if current is not None else self.weight.dtype

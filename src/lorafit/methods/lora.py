@@ -223,9 +223,8 @@ class LoraLinear(AdapterWrapper):
             rows_a, rows_b = self._cached_row_adapters(names, x.device)
         rows_x = x.reshape(x.shape[0], -1, self.in_features).to(rows_a.dtype)
         hidden = torch.bmm(rows_x, rows_a)
-        rows_out = out.reshape(out.shape[0], -1, self.out_features)
-        if out.dtype == rows_b.dtype and not torch.is_grad_enabled() and rows_out.data_ptr() == out.data_ptr():
-            return rows_out.baddbmm_(hidden, rows_b).view(out.shape)
+        if out.dtype == rows_b.dtype and not torch.is_grad_enabled() and out.is_contiguous():
+            return out.view(out.shape[0], -1, self.out_features).baddbmm_(hidden, rows_b).view(out.shape)
         return out + torch.bmm(hidden, rows_b).reshape(out.shape).to(out.dtype)
 
     def _gather_row_adapters(self, names: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
