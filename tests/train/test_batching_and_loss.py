@@ -18,7 +18,7 @@ from lorafit.train.batching import (
     prefix_sharing_is_exact,
     shared_prefix_length,
 )
-from lorafit.train.loss import summed_token_loss
+from lorafit.train.loss import FrozenHeadCrossEntropy, _softmax_cross_entropy_, summed_token_loss
 from tests.conftest import random_examples, randomize_adapters, tiny_gpt2, tiny_llama
 
 
@@ -77,6 +77,32 @@ def test_chunked_head_equals_a_single_chunk():
     lorafit.attach(model, LoraConfig(target_modules=["q_proj"]))
     batch = collate_packed(_examples(), 0, row_tokens=100)
     assert torch.allclose(summed_token_loss(model, batch, chunk_tokens=3), summed_token_loss(model, batch), atol=1e-4)
+
+
+def test_in_place_softmax_cross_entropy_equals_torch_on_large_logits():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=generator, dtype=torch.float64) * 40 + 300  # exp would overflow unshifted
+    targets = torch.randint(0, 50, (6,), generator=generator)
+    reference_logits = logits.clone().requires_grad_(True)
+    reference = F.cross_entropy(reference_logits, targets, reduction="sum")
+    reference.backward()
+    loss = _softmax_cross_entropy_(logits, targets)  # logits become the gradient
+    assert torch.allclose(loss, reference, rtol=1e-12)
+    assert torch.allclose(logits, reference_logits.grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_cross_entropy_with_bias_and_any_dtype_equals_autograd(dtype):
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(7, 16, generator=generator).to(dtype)
+    weight, bias = torch.randn(40, 16, generator=generator).to(dtype), torch.randn(40, generator=generator).to(dtype)
+    targets = torch.randint(0, 40, (7,), generator=generator)
+    ours_hidden = hidden.clone().requires_grad_(True)
+    FrozenHeadCrossEntropy.apply(ours_hidden, weight, bias, targets, 3).backward()
+    reference_hidden = hidden.clone().requires_grad_(True)
+    F.cross_entropy(F.linear(reference_hidden, weight, bias).float(), targets, reduction="sum").backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(ours_hidden.grad.float(), reference_hidden.grad.float(), atol=tolerance, rtol=tolerance)
 
 
 def _loss_and_gradients(model, batches, **loss_options):

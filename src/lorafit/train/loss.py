@@ -42,6 +42,23 @@ def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of fp32 `logits` rows; overwrites them with softmax − one-hot (the gradient).
+
+    Each row is shifted by its maximum, exponentiated and normalised in place: loss = max + log Σexp − logit[target].
+    `log_softmax` followed by `exp` gives the same numbers but writes a second vocabulary-sized tensor and
+    runs ~5× slower on CPU (measured: 164 ms against ~30 ms for 1024 × 49,152 floats).
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    target_logits = logits[rows, targets]
+    row_max = logits.amax(dim=-1, keepdim=True)
+    logits.sub_(row_max).exp_()
+    row_sum = logits.sum(dim=-1, keepdim=True)
+    logits.div_(row_sum)
+    logits[rows, targets] -= 1.0
+    return (row_max.squeeze(-1) + row_sum.log().squeeze(-1) - target_logits).sum()
+
+
 class FrozenHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` whose gradient reaches `hidden` only.
 
@@ -54,15 +71,23 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
+        # One vocabulary-sized fp32 buffer for every chunk: a fresh one per chunk costs its page faults
+        # again (hundreds of MB come straight from mmap), and the softmax runs in place in it.
+        in_buffer = weight.dtype == torch.float32 and hidden.dtype == torch.float32
+        buffer = hidden.new_empty(min(chunk_tokens, hidden.shape[0]), weight.shape[0]) if in_buffer else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             chunk = slice(start, start + chunk_tokens)
-            logits = F.linear(hidden[chunk], weight, bias).float()
-            log_probs = logits.log_softmax(dim=-1)
-            total += F.nll_loss(log_probs, targets[chunk], reduction="sum")
-            # softmax − one-hot, written into the logits' storage to keep one vocabulary-sized buffer
-            grad_logits = log_probs.exp_()
-            grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), targets[chunk]] -= 1.0
-            grad_hidden[chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if in_buffer:
+                logits = buffer[: hidden[chunk].shape[0]]
+                if bias is None:
+                    torch.mm(hidden[chunk], weight.t(), out=logits)
+                else:
+                    torch.addmm(bias, hidden[chunk], weight.t(), out=logits)
+            else:
+                logits = F.linear(hidden[chunk], weight, bias).float()
+            total += _softmax_cross_entropy_(logits, targets[chunk])
+            # logits now hold softmax − one-hot = d(loss)/d(logits)
+            grad_hidden[chunk] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -76,7 +101,7 @@ def _head_is_frozen(head) -> bool:
     return isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters())
 
 
-def summed_token_loss(model, batch: Batch, chunk_tokens: int = 1024) -> torch.Tensor:
+def summed_token_loss(model, batch: Batch, chunk_tokens: int = 512) -> torch.Tensor:
     """Sum of cross-entropy over the batch's label tokens (the caller divides by the step's count)."""
     head, body = _head_and_body(model)
     targets = batch.targets
