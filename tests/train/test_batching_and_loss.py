@@ -1,5 +1,7 @@
 """Packed batches and the head-only loss give the same loss and gradients as the plain path."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,8 @@ from lorafit.train.batching import (
     collate_padded,
     collate_pieces,
     collate_shared_prefix,
+    forward_hidden,
+    grouped_key_value_heads,
     packing_is_exact,
     plan_batches,
     prefix_sharing_is_exact,
@@ -213,3 +217,37 @@ def test_the_shared_prefix_stops_before_the_first_labelled_prediction():
     assert shared_prefix_length(examples) == 2  # position 2 predicts the labelled token 4
     assert shared_prefix_length([TokenizedExample([1, 2, 3], [IGNORE] * 3),
                                  TokenizedExample([7, 2, 3], [IGNORE] * 3)]) == 0
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the tensors autograd keeps for backward while `run` executes (each storage once)."""
+    storages = {}
+
+    def keep(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        output = run()  # kept: freeing the graph early would let storages (and their addresses) be reused
+    total = sum(storages.values())
+    del output
+    return total
+
+
+def test_masked_attention_keeps_grouped_key_value_heads_grouped_and_restores_the_environment():
+    model = tiny_llama()  # 4 query heads, 2 key/value heads: repeat_kv copies each key/value head twice
+    lorafit.attach(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    batch = collate_packed(random_examples(6, 1, lengths=(20, 30)), 0, row_tokens=64)  # a block-diagonal mask
+    body = model.base_model
+    os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+    grouped = _saved_bytes(lambda: forward_hidden(body, batch.inputs))
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    repeated = _saved_bytes(lambda: body(**batch.inputs, use_cache=False))
+    assert grouped < repeated  # the 4× copies of keys and values are not kept
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "0"
+    try:
+        with grouped_key_value_heads(torch.device("cpu")):
+            assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"
+    finally:
+        del os.environ["TRANSFORMERS_SDPA_FORCE_GQA"]
