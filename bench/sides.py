@@ -75,6 +75,8 @@ class LorafitSide:
         pieces = self.collate(examples)  # one micro-batch as one or more forward calls, as the loop runs it
         if not isinstance(pieces, list):
             pieces = [pieces]
+        device = next(self.model.parameters()).device
+        pieces = [piece.to(device) for piece in pieces]  # as the loop does (a no-op on CPU)
         label_tokens = sum(piece.label_tokens for piece in pieces)
         loss_sum = 0.0
         for piece in pieces:
@@ -135,7 +137,8 @@ class PeftSide:
         return sum(p.numel() for p in self.parameters)
 
     def step(self, examples: list) -> dict:
-        inputs = peft_collate(examples, self.pad_id)
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in peft_collate(examples, self.pad_id).items()}
         loss = self.model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
