@@ -243,7 +243,7 @@ def test_masked_attention_keeps_grouped_key_value_heads_grouped_and_restores_the
     grouped = _saved_bytes(lambda: forward_hidden(body, batch.inputs))
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
     repeated = _saved_bytes(lambda: body(**batch.inputs, use_cache=False))
-    assert grouped < repeated  # the 4× copies of keys and values are not kept
+    assert grouped < repeated  # the repeated copies of keys and values are not kept
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "0"
     try:
         with grouped_key_value_heads(torch.device("cpu")):

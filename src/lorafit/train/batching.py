@@ -188,6 +188,9 @@ def collate_padded(examples: list, pad_id: int) -> Batch:
     )
 
 
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
 @contextlib.contextmanager
 def grouped_key_value_heads(device: torch.device) -> Iterator[None]:
     """On CPU, let transformers' sdpa attention keep grouped-query key/value heads grouped under a mask.
@@ -212,9 +215,6 @@ def grouped_key_value_heads(device: torch.device) -> Iterator[None]:
             del os.environ[_FORCE_GQA]
         else:
             os.environ[_FORCE_GQA] = previous
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def forward_hidden(body, inputs: dict) -> torch.Tensor:
