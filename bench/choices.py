@@ -47,7 +47,7 @@ def run_variant(variant: str, steps: int) -> dict:
     plan = batch_plan(examples)
     side = LorafitSide(model, tokenizer, QV8)
     if variant == "checkpointing":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loop._set_activation_checkpointing(model, True)
         settings = loop.LoopSettings(steps=1, gradient_checkpointing=True)
         side.collate = loop._choose_collate(model, model.config.vocab_size, tokenizer.pad_token_id, settings,
                                             echo=lambda _: None)

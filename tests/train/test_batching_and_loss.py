@@ -234,6 +234,32 @@ def _saved_bytes(run) -> int:
     return total
 
 
+def test_gradient_checkpointing_recomputes_masked_attention_with_the_shapes_it_saved():
+    # Checkpointed layers run their forward again during backward, outside forward_hidden; with grouped
+    # key/value heads (4 query, 2 key/value) under a mask, keeping them grouped in the first pass only
+    # made the recomputed keys/values a different shape and backward failed (CheckpointError).
+    from lorafit.train.loop import _set_activation_checkpointing
+
+    model = tiny_llama()
+    lorafit.attach(model, LoraConfig(r=4, dropout=0.0, target_modules="all-linear"))
+    randomize_adapters(model, scale=0.1)
+    model.train()
+    batch = collate_packed(_examples(), 0, row_tokens=30)  # packed rows: a block-diagonal mask
+    plain = summed_token_loss(model, batch)
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    _set_activation_checkpointing(model, True)
+    checkpointed = summed_token_loss(model, batch)
+    checkpointed.backward()
+    _set_activation_checkpointing(model, False)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert abs(checkpointed.item() - plain.item()) <= 1e-6 * plain.item()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, expected[name], atol=1e-6, rtol=1e-5)
+
+
 def test_masked_attention_keeps_grouped_key_value_heads_grouped_and_restores_the_environment():
     model = tiny_llama()  # 4 query heads, 2 key/value heads: repeat_kv copies each key/value head twice
     lorafit.attach(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

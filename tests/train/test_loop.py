@@ -142,3 +142,11 @@ def test_every_method_trains_and_resumes_exactly(tmp_path, config):
     assert resumed.losses == full.losses[3:]
     for name, value in _adapter(full_model).items():
         assert torch.equal(value, _adapter(resumed_model)[name]), name
+
+
+def test_gradient_checkpointing_trains_like_the_plain_loop_and_is_switched_off_after(tmp_path):
+    plain, _ = _train(tmp_path / "plain", steps=4, model=_model(dropout=0.0), save_every=100)
+    checkpointed, model = _train(tmp_path / "checkpointed", steps=4, model=_model(dropout=0.0), save_every=100,
+                                 gradient_checkpointing=True)
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -192,7 +192,7 @@ _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 @contextlib.contextmanager
-def grouped_key_value_heads(device: torch.device) -> Iterator[None]:
+def grouped_key_value_heads(device: torch.device, recomputes: bool = False) -> Iterator[None]:
     """On CPU, let transformers' sdpa attention keep grouped-query key/value heads grouped under a mask.
 
     With an attention mask (packed rows, a shared prefix) transformers copies each key/value head once
@@ -201,9 +201,11 @@ def grouped_key_value_heads(device: torch.device) -> Iterator[None]:
     attention kernel takes the grouped layout with a mask (`enable_gqa=True`), and transformers has a
     switch for it, the environment variable TRANSFORMERS_SDPA_FORCE_GQA, set here for the forward call
     only. Measured on the built-in task (r=8 q,v, batch 8): peak RSS 1397 → 1302 MiB and 1.7% faster.
-    Not on GPUs, where a masked grouped call leaves the fused kernels for the slow math one.
+    Not on GPUs, where a masked grouped call leaves the fused kernels for the slow math one. Not with
+    gradient checkpointing (`recomputes=True`): the layers' forward runs again during backward, outside
+    this context, and the recomputed keys/values must have the shapes the first pass saved.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or recomputes:
         yield
         return
     previous = os.environ.get(_FORCE_GQA)
@@ -219,8 +221,13 @@ def grouped_key_value_heads(device: torch.device) -> Iterator[None]:
 
 def forward_hidden(body, inputs: dict) -> torch.Tensor:
     """Last hidden states of the model body for any of the layouts above."""
-    with grouped_key_value_heads(inputs["input_ids"].device):
+    with grouped_key_value_heads(inputs["input_ids"].device, recomputes=_checkpointed(body)):
         return _forward_hidden(body, inputs)
+
+
+def _checkpointed(body) -> bool:
+    """Does any layer recompute its forward in backward? (transformers marks each such layer.)"""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in body.modules())
 
 
 def _forward_hidden(body, inputs: dict) -> torch.Tensor:

@@ -140,6 +140,20 @@ def _choose_collate(model, vocab_size: int, pad_id: int, settings: LoopSettings,
     return collate
 
 
+def _set_activation_checkpointing(model, on: bool) -> None:
+    """Recompute each layer's forward in backward (non-reentrant), or stop doing so.
+
+    transformers 5 calls it activation checkpointing and keeps `gradient_checkpointing_*` as deprecated
+    aliases (with a warning); earlier versions have only those.
+    """
+    if not on:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    elif hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _micro_batches(lengths: list[int], settings: LoopSettings, position: Position):
     """Endless stream of (epoch, index-in-epoch, example indices), starting at `position`."""
     epoch, batch = position.epoch, position.batch
@@ -173,7 +187,7 @@ def train(
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_activation_checkpointing(model, True)
     collate = _choose_collate(model, vocab_size, pad_id, settings, echo)
     checkpoints = run_dir / "checkpoints"
     position = Position()
@@ -256,7 +270,7 @@ def train(
                     bar.write(f"interrupted: checkpoint written to {saved}; continue with --resume {saved}")
                     break
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _set_activation_checkpointing(model, False)
     model.eval()
     result.steps_done = position.step
     result.seconds = time.perf_counter() - started
