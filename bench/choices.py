@@ -29,13 +29,14 @@ sys.path.insert(0, str(HERE))
 VARIANTS = {
     "default": "the loop's default (shared prefix once, else long examples alone and short ones packed), eager",
     "checkpointing": "transformers' gradient checkpointing (non-reentrant); packed rows instead of the shared prefix",
-    "compile-cold": "`torch.compile` of the model body (inductor, default mode), empty compile cache",
+    "compile-cold": "`lorafit train --compile`: `torch.compile` of the model body (inductor), empty compile cache",
     "compile-warm": "the same, inductor's on-disk cache filled by the cold run",
 }
 
 
 def run_variant(variant: str, steps: int) -> dict:
     """Inside a child: load, adapt, run `steps` + 1 steps of the built-in task, report times and peak RSS."""
+    import torch
     from common import high_water_rss_mib
     from data import DATASETS, batch_plan
     from sides import QV8, LorafitSide, load_base
@@ -52,7 +53,7 @@ def run_variant(variant: str, steps: int) -> dict:
         side.collate = loop._choose_collate(model, model.config.vocab_size, tokenizer.pad_token_id, settings,
                                             echo=lambda _: None)
     elif variant.startswith("compile"):
-        model.model.compile()
+        side.body = loop._compiled_body(model, "inductor", torch.device("cpu"), echo=lambda _: None)
     seconds, losses = [], []
     for indices in plan[: steps + 1]:
         started = time.perf_counter()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile_step.py                       # r=8 q,v, built-in date task, batch 8
     .venv/bin/python bench/profile_step.py --data varlen --batch 4  # the 4th batch of the variable-length set
+    .venv/bin/python bench/profile_step.py --batch 6 --saved-tensors  # what the forward keeps for backward
 
 Warm-up steps on the same batch first (allocator, thread pool), then one profiled step. Prints the top operators by
 self CPU time and by total CPU time (the latter shows which high-level calls contain the cost).
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="index in the plan of the profiled batch")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--saved-tensors", action="store_true",
+                        help="instead of timing: the bytes autograd keeps for backward, by shape and producing op")
     args = parser.parse_args()
 
     model, tokenizer = load_base()
@@ -41,6 +44,9 @@ def main() -> None:
     batch = [examples[i] for i in plan[args.batch]]
     for _ in range(args.warmup):  # on the profiled batch itself: same shapes, nothing left to allocate first
         side.step(batch)
+    if args.saved_tensors:
+        print_saved_tensors(side, batch, args.rows)
+        return
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         info = side.step(batch)
@@ -51,6 +57,37 @@ def main() -> None:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(averages.table(sort_by="cpu_time_total", row_limit=args.rows))
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def print_saved_tensors(side, batch: list, rows: int) -> None:
+    """What the step's forward keeps for backward (parameters excluded), as the step's peak holds it.
+
+    Each storage is counted once, at the end of the forward call that saved it, before backward frees it.
+    """
+    from lorafit.train.loss import summed_token_loss
+
+    weights = {t.untyped_storage().data_ptr() for t in [*side.model.parameters(), *side.model.buffers()]}
+    pieces = side.collate(batch)
+    for piece in pieces if isinstance(pieces, list) else [pieces]:
+        kept: dict[int, tuple[int, tuple, str]] = {}
+
+        def keep(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                made_by = type(tensor.grad_fn).__name__ if tensor.grad_fn is not None else "leaf"
+                kept[storage.data_ptr()] = (storage.nbytes(), tuple(tensor.shape), made_by)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = summed_token_loss(side.model, piece)
+        by_kind: dict[tuple, int] = {}
+        for size, shape, made_by in kept.values():
+            by_kind[(shape, made_by)] = by_kind.get((shape, made_by), 0) + size
+        shapes = {k: tuple(v.shape) for k, v in piece.inputs.items()}
+        print(f"forward call {shapes}: {sum(by_kind.values()) / 2**20:.1f} MiB kept for backward")
+        for (shape, made_by), size in sorted(by_kind.items(), key=lambda item: -item[1])[:rows]:
+            print(f"  {size / 2**20:8.1f} MiB  {list(shape)}  made by {made_by}")
+        loss.backward()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class LorafitSide:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=LR, weight_decay=0.0)
         self.collate = _lorafit_collate(model, model.config.vocab_size, tokenizer.pad_token_id)
+        self.body = None  # the loop's torch.compile'd body when `lorafit train --compile` is measured
         model.train()
 
     def adapter_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -80,7 +81,7 @@ class LorafitSide:
         label_tokens = sum(piece.label_tokens for piece in pieces)
         loss_sum = 0.0
         for piece in pieces:
-            loss = summed_token_loss(self.model, piece)
+            loss = summed_token_loss(self.model, piece, body=self.body)
             (loss / label_tokens).backward()
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)

@@ -174,3 +174,33 @@ def test_merge_refuses_weights_the_config_cannot_describe(tiny_chat_model, tmp_p
                  "--output", str(tmp_path / "merged")]) == 1
     assert "weights its config cannot describe (e.g. lm_head.bias" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
+
+
+def test_epochs_set_the_steps_and_eval_data_is_the_held_out_set(tmp_path, tiny_chat_model, date_data, capsys):
+    held_out = tmp_path / "held.jsonl"
+    held_out.write_text("".join(json.dumps({"messages": m}) + "\n" for m in generate_date_task(5, seed=7)))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--eval-data", str(held_out),
+                 "--epochs", "0.5", "--batch-size", "4", "--eval-examples", "2", "--max-new-tokens", "2",
+                 "--output", str(run)]) == 0
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["steps"] == 5  # 40 training examples (all of --data) / batch 4 = 10 steps per epoch
+    assert resolved["warmup_steps"] == 0  # 5% of 5 steps, rounded
+    # the held-out loss is over --eval-data: 5 examples, the same figure `lorafit eval` gives on that file
+    metrics = json.loads((run / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_chat_model), "--adapter", str(run / "adapter"),
+                 "--data", str(held_out), "--json", "--eval-examples", "2", "--max-new-tokens", "2"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["examples"] == 5
+    assert evaluated["loss"] == pytest.approx(metrics["after"]["loss"], rel=1e-5)
+
+
+def test_compile_without_a_cxx_compiler_fails_before_the_run_folder_is_made(tmp_path, tiny_chat_model, date_data,
+                                                                            capsys, monkeypatch):
+    monkeypatch.setattr("lorafit.train.loop.shutil.which", lambda name: None)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--steps", "2",
+                 "--compile", "--output", str(run)]) == 1
+    assert "--compile on CPU needs a C++ compiler" in capsys.readouterr().err
+    assert not run.exists()

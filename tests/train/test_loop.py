@@ -150,3 +150,21 @@ def test_gradient_checkpointing_trains_like_the_plain_loop_and_is_switched_off_a
                                  gradient_checkpointing=True)
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_compiled_body_trains_like_the_eager_loop(tmp_path, gradient_checkpointing):
+    # aot_eager traces the body with dynamo and AOT autograd like inductor does, without generating code
+    eager, _ = _train(tmp_path / "eager", steps=3, model=_model(dropout=0.0), save_every=100,
+                      gradient_checkpointing=gradient_checkpointing)
+    compiled, model = _train(tmp_path / "compiled", steps=3, model=_model(dropout=0.0), save_every=100,
+                             gradient_checkpointing=gradient_checkpointing, compile_backend="aot_eager")
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    assert not hasattr(model.base_model, "_orig_mod")  # the model itself is left uncompiled
+
+
+def test_compile_on_cpu_without_a_cxx_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("lorafit.train.loop.shutil.which", lambda name: None)
+    with pytest.raises(LorafitError, match=r"--compile on CPU needs a C\+\+ compiler"):
+        _train(tmp_path, steps=1, compile_backend="inductor")
+    assert not (tmp_path / "log.jsonl").exists()  # refused before the run folder was written to

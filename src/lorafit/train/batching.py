@@ -238,7 +238,8 @@ def _forward_hidden(body, inputs: dict) -> torch.Tensor:
     cache.batch_repeat_interleave(inputs["input_ids"].shape[0])  # the prefix's keys and values, per row
     suffix_inputs = {k: v for k, v in inputs.items() if k != "prefix_ids"}
     # transformers ≥ 5.24 names the argument `cache`; earlier versions `past_key_values`
-    cache_argument = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    own_forward = getattr(body, "_orig_mod", body).forward  # a torch.compile'd body wraps the module
+    cache_argument = "cache" if "cache" in inspect.signature(own_forward).parameters else "past_key_values"
     return body(**suffix_inputs, **{cache_argument: cache}, use_cache=True).last_hidden_state
 
 

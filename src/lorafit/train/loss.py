@@ -27,7 +27,8 @@ from lorafit.train.batching import IGNORE, Batch, forward_hidden
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def _head_and_body(model):
+def head_and_body(model):
+    """(output head, body) when the loss can run them apart; (None, None) when it must call the model."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, "base_model", None)
     config = getattr(model, "config", None)
@@ -101,9 +102,13 @@ def _head_is_frozen(head) -> bool:
     return isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters())
 
 
-def summed_token_loss(model, batch: Batch, chunk_tokens: int = 512) -> torch.Tensor:
-    """Sum of cross-entropy over the batch's label tokens (the caller divides by the step's count)."""
-    head, body = _head_and_body(model)
+def summed_token_loss(model, batch: Batch, chunk_tokens: int = 512, body=None) -> torch.Tensor:
+    """Sum of cross-entropy over the batch's label tokens (the caller divides by the step's count).
+
+    body: what runs the model body in place of the model's own (the loop passes a torch.compile'd one).
+    """
+    head, own_body = head_and_body(model)
+    body = own_body if body is None else body
     targets = batch.targets
     if head is None:
         if "prefix_ids" in batch.inputs:
