@@ -58,7 +58,7 @@ class LoopSettings:
     gradient_checkpointing: bool = False
     on_nonfinite: str = "stop"  # or "skip"
     b_lr_ratio: float = 1.0  # LoRA+: B's learning rate = ratio × A's
-    compile_backend: str | None = None  # torch.compile the model body with this backend ("inductor")
+    compile_backend: str | Callable | None = None  # torch.compile the model body with this backend ("inductor")
 
 
 @dataclass
@@ -161,7 +161,7 @@ def _set_activation_checkpointing(model, on: bool) -> None:
 COMPILE_BACKEND = "inductor"
 
 
-def check_compile(model, backend: str, device: torch.device) -> None:
+def check_compile(model, backend: str | Callable, device: torch.device) -> None:
     """Refuse in one line what would otherwise fail deep inside the first compiled step."""
     if head_and_body(model)[1] is None:
         raise LorafitError("--compile: this model's logits are transformed after its output head, so the loss "
@@ -172,7 +172,7 @@ def check_compile(model, backend: str, device: torch.device) -> None:
                            "inductor backend; install one or train without --compile")
 
 
-def _compiled_body(model, backend: str, device: torch.device, echo) -> torch.nn.Module:
+def _compiled_body(model, backend: str | Callable, device: torch.device, echo) -> torch.nn.Module:
     """The model body under torch.compile, for the loss to run; the model itself stays as it was.
 
     Only the body: the output head is a few chunked matmuls the loss already does in place. The first
