@@ -149,12 +149,16 @@ def _set_activation_checkpointing(model, on: bool) -> None:
     transformers 5 calls it activation checkpointing and keeps `gradient_checkpointing_*` as deprecated
     aliases (with a warning); earlier versions have only those.
     """
-    if not on:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    elif hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_disable()
 
 
 # What `lorafit train --compile` uses: torch's default compiler, generating C++ on CPU and Triton on GPUs.
