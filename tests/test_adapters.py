@@ -155,3 +155,50 @@ def test_adapter_per_row_errors():
     with pytest.raises(LorafitError, match="adapter_per_row names 2 adapters for a batch of 3 rows"):
         with lorafit.adapter_per_row(model, ["first", "second"]):
             model(torch.zeros(3, 4, dtype=torch.long))
+
+
+def _outputs(model, input_ids, active):
+    lorafit.set_active_adapter(model, active)
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def test_switching_away_from_a_merged_adapter_is_refused(input_ids):
+    model = _two_adapter_model()
+    second, first, both = (_outputs(model, input_ids, a) for a in ("second", "first", ["first", "second"]))
+    lorafit.set_active_adapter(model, "first")
+    lorafit.merge(model)
+    with pytest.raises(LorafitError, match=r"^adapter 'first' is merged into the weights of "
+                                           r"model.layers.0.self_attn.q_proj and would keep running with "
+                                           r"'second' active; unmerge\(model\) first$"):
+        lorafit.set_active_adapter(model, "second")
+    with pytest.raises(LorafitError, match=r"keep running with no adapter active; unmerge\(model\) first"):
+        lorafit.set_active_adapter(model, [])
+    with pytest.raises(LorafitError, match=r"adapter 'first' is merged .* unmerge\(model\) first"):
+        lorafit.attach(model, LoraConfig(target_modules=["k_proj"]), "third")
+    assert lorafit.active_adapters(model) == ["first"] and lorafit.adapter_names(model) == ["first", "second"]
+    with torch.no_grad():  # the refusals changed nothing: still W + first, not W + first + second
+        torch.testing.assert_close(model(input_ids).logits, first, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_outputs(model, input_ids, ["first", "second"]), both, atol=1e-5, rtol=0)
+    lorafit.unmerge(model)
+    torch.testing.assert_close(_outputs(model, input_ids, "second"), second, atol=1e-5, rtol=0)
+
+
+def test_only_active_adapters_can_be_merged(input_ids):
+    model = _two_adapter_model()
+    first, both = _outputs(model, input_ids, "first"), _outputs(model, input_ids, ["first", "second"])
+    second = _outputs(model, input_ids, "second")
+    with pytest.raises(LorafitError, match=r"^adapter 'first' is not active, so merging it would add it to the "
+                                           r"outputs; activate it first \(set_active_adapter\), the active ones "
+                                           r"are second$"):
+        lorafit.merge(model, adapter_names=["first"])
+    assert not any(m.merged_adapters for m in model.modules() if isinstance(m, LoraLinear))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, second)
+    # merging some of the active adapters: the rest keep running unmerged, the sum is the same
+    lorafit.set_active_adapter(model, ["first", "second"])
+    lorafit.merge(model, adapter_names=["first"])
+    assert model.model.layers[0].self_attn.v_proj.merged_adapters == ["first"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, both, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_outputs(model, input_ids, "first"), first, atol=1e-5, rtol=0)

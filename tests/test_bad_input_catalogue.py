@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import lorafit
 from lorafit.cli import main
@@ -80,10 +80,14 @@ def test_non_utf8_text(setup, capsys):
 def test_examples_longer_than_max_length_are_truncated_or_skipped_and_counted(setup, capsys):
     capsys.readouterr()
     # byte-level tokens: the examples are 110-125 long and their replies start after ~100 tokens
-    assert main(_train(setup, "--max-length", "108")) == 0
-    out = capsys.readouterr().out  # 11 train examples (1 held out); one reply starts after token 108
-    assert "kept 10 of 11 examples (10 truncated, 0 skipped as too long, 1 with no trained tokens)" in out
-    assert "warning: 10 examples were cut to max_length" in out
+    # held-out examples are never truncated (their loss and exact match would score a cut reply): the one
+    # held-out example does not fit, and that is an error naming it, before any file is written
+    err = _fail(capsys, _train(setup, "--max-length", "108"))
+    assert "the held-out part of" in err and "no held-out examples left" in err and "--max-length" in err
+    assert main(_train(setup, "--max-length", "108", "--held-out", "0", "--eval-examples", "0")) == 0
+    out = capsys.readouterr().out  # 12 train examples; one reply starts after token 108
+    assert "kept 11 of 12 examples (11 truncated, 0 skipped as too long, 1 with no trained tokens)" in out
+    assert "warning: 11 examples were cut to max_length" in out
     err = _fail(capsys, _train(setup, "--max-length", "108", "--overflow", "skip"))
     assert "no training examples left" in err and "longer than max_length=108 were skipped" in err
 
@@ -101,10 +105,10 @@ def test_targets_matching_nothing_name_the_closest_modules(setup, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--r", "0"], "--r must be >= 1"),
     (["--r", "1000"], "r=1000 is larger than min(in, out)"),
-    (["--lr", "-0.1"], "--lr must be > 0"),
+    (["--lr", "-0.1"], "--lr must be a finite number > 0"),
     (["--steps", "-3"], "--steps must be > 0"),
     (["--method", "loar"], "--method 'loar' is unknown (did you mean lora?)"),
-    (["--train-head"], "--train-head is a BitFit setting; it needs --method bitfit (got --method lora)"),
+    (["--train-head"], "--train-head is a BITFIT setting; --method lora does not use it"),
     (["--row-tokens", "0"], "--row-tokens must be >= 1"),
 ])
 def test_bad_numbers_and_methods(setup, capsys, flags, message):
@@ -170,7 +174,7 @@ def test_existing_output_folder_is_refused(setup, capsys):
     args = [a for a in _train(setup) if a != "--overwrite"]
     args[args.index("--output") + 1] = str(out)
     err = _fail(capsys, args)
-    assert f"output folder {out} exists and is not empty; pass --overwrite, or --resume" in err
+    assert f"output folder {out} exists and is not empty; pass --overwrite to replace the run there, or --resume {out}" in err
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -182,7 +186,7 @@ def test_no_disk_space_while_saving_is_one_line_and_keeps_the_last_checkpoint(se
 
     def full_disk_on_second_checkpoint(tensors, path, *args, **kwargs):
         calls.append(path)
-        if len(calls) > 2:  # the first checkpoint (optimizer + rng files) succeeds
+        if len(calls) > 3:  # the first checkpoint (training state, optimizer and rng files) succeeds
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, *args, **kwargs)
 

@@ -92,7 +92,7 @@ def test_alpaca_without_input(tmp_path):
     ]
 
 
-def test_chat_messages_kept_as_given_and_extra_keys_ignored(tmp_path):
+def test_chat_messages_kept_as_given_and_extra_keys_reported(tmp_path):
     messages = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "U1"},
@@ -100,7 +100,10 @@ def test_chat_messages_kept_as_given_and_extra_keys_ignored(tmp_path):
         {"role": "user", "content": "U2"},
         {"role": "assistant", "content": "A2"},
     ]
-    assert load_examples(jsonl(tmp_path, {"messages": messages, "id": 7})) == [messages]
+    path = jsonl(tmp_path, {"messages": messages, "id": 7})
+    with pytest.warns(UserWarning) as caught:
+        assert load_examples(path) == [messages]
+    assert [str(w.message) for w in caught] == [f"{path}: field 'id' is not used (1 of 1 records; first at {path}:1)"]
 
 
 def test_sharegpt_roles_are_mapped(tmp_path):
@@ -210,7 +213,7 @@ def test_wrong_types(tmp_path):
         "output must be a string, got null": {"instruction": "x", "output": None},
         "input must be a string, got a list": {"instruction": "x", "input": ["a"], "output": "y"},
         "text must be a string, got an object": {"text": {"a": 1}},
-        "completion must be a string, got a boolean": {"prompt": "p", "completion": True},
+        "completion must be a string or a list of messages, got a boolean": {"prompt": "p", "completion": True},
         "conversations[0].value must be a string, got a number": {"conversations": [{"from": "human", "value": 1}]},
     }
     for expected, record in cases.items():
@@ -428,16 +431,71 @@ def test_no_examples_left_says_why():
         build_dataset(tokenizer, [qa("4"), qa("4"), qa("four")], max_length=PROMPT_TOKENS, overflow="skip")
     assert str(caught.value) == (
         "no training examples left: of 3 examples, 3 longer than max_length=45 were skipped "
-        "(raise max_length or use overflow='truncate')"
+        "(raise --max-length (max_length) or pass --overflow truncate)"
     )
     with pytest.raises(LorafitError) as caught:
         build_dataset(tokenizer, [qa("4"), qa("four")], max_length=PROMPT_TOKENS)
-    assert (
-        str(caught.value)
-        == "no training examples left: of 2 examples, 2 had no trained tokens within max_length=45 (raise max_length)"
+    assert str(caught.value) == (
+        "no training examples left: of 2 examples, 2 had no trained tokens within max_length=45 "
+        "(raise --max-length (max_length))"
     )
     with pytest.raises(LorafitError, match="^no training examples left: the data holds no examples$"):
         build_dataset(tokenizer, [], max_length=64)
+
+
+def test_empty_text_has_no_targets_and_is_dropped_and_counted():
+    tokenizer = byte_tokenizer()
+    empty = [{"role": "text", "content": ""}]
+    # one token (EOS) whose label is set, but label 0 is never a target: nothing to train on
+    example = tokenize_conversation(tokenizer, empty, max_length=64)
+    assert (example.input_ids, example.labels) == ([256], [256])
+    assert example.trained_token_count == 0 and example.dropped == "no trained tokens" and not example.truncated
+    kept, stats = build_dataset(tokenizer, [[{"role": "text", "content": "abc"}], empty, qa("4")], max_length=64)
+    assert (stats.examples_in, stats.kept, stats.dropped_all_masked, stats.kept_indices) == (3, 2, 1, [0, 2])
+    assert stats.total_tokens == 4 + PROMPT_TOKENS + 2
+    assert stats.label_tokens == sum(label != IGNORE_INDEX for e in kept for label in e.labels[1:]) == 3 + 2
+    assert stats.summary() == (
+        f"kept 2 of 3 examples (0 truncated, 0 skipped as too long, 1 with no trained tokens); "
+        f"{4 + PROMPT_TOKENS + 2} tokens, 5 trained"
+    )
+    with pytest.raises(LorafitError) as caught:
+        build_dataset(tokenizer, [empty, empty], max_length=64)
+    assert str(caught.value) == (
+        "no training examples left: of 2 examples, 2 had no tokens to train on at any length (such as an empty 'text')"
+    )
+
+
+def test_empty_text_after_bos_keeps_its_eos_target():
+    tokenizer = byte_tokenizer(adds_bos=True)
+    example = tokenize_conversation(tokenizer, [{"role": "text", "content": ""}], max_length=64)
+    assert example.input_ids == [257, 256] and example.trained_token_count == 1 and example.dropped is None
+
+
+def test_trained_token_count_skips_the_first_label():
+    assert TokenizedExample(input_ids=[5, 6, 7], labels=[5, IGNORE_INDEX, 7]).trained_token_count == 1
+    assert TokenizedExample(input_ids=[5, 6], labels=[5, IGNORE_INDEX]).trained_token_count == 0
+
+
+def test_kept_indices_point_at_the_conversations_kept():
+    tokenizer = byte_tokenizer()
+    conversations = [qa("four, as anyone knows"), qa("4"), qa("four, as anyone knows"), qa("5")]
+    kept, stats = build_dataset(tokenizer, conversations, max_length=PROMPT_TOKENS + 5, overflow="skip")
+    assert stats.kept_indices == [1, 3]
+    assert kept == [tokenize_conversation(tokenizer, conversations[i], max_length=PROMPT_TOKENS + 5) for i in [1, 3]]
+    _, stats = build_dataset(tokenizer, [qa("4"), [{"role": "text", "content": "x" * 50}]], max_length=PROMPT_TOKENS)
+    assert stats.kept_indices == [1]  # the reply of conversation 0 was cut away
+
+
+def test_source_names_the_data_in_build_dataset_errors():
+    tokenizer = byte_tokenizer()
+    with pytest.raises(LorafitError) as caught:
+        build_dataset(tokenizer, [qa("four")], max_length=PROMPT_TOKENS + 2, overflow="skip", source="train.jsonl")
+    assert str(caught.value) == (
+        "train.jsonl: no training examples left: of 1 examples, 1 longer than max_length=47 were skipped "
+        "(raise --max-length (max_length) or pass --overflow truncate)"
+    )
+    with pytest.raises(LorafitError, match="^eval.jsonl: example 1: a conversation has no assistant turn"):
+        build_dataset(tokenizer, [QA, QA[:1]], max_length=256, source="eval.jsonl")
 
 
 def test_mostly_masked_data_warns():
@@ -453,7 +511,7 @@ def test_mostly_masked_data_warns():
     assert text_stats.warnings() == [] and text_stats.masked_fraction == 0.0
     assert (
         text_stats.summary()
-        == "kept 1 of 1 examples (0 truncated, 0 skipped as too long, 0 with no trained tokens); 4 tokens, 4 trained"
+        == "kept 1 of 1 examples (0 truncated, 0 skipped as too long, 0 with no trained tokens); 4 tokens, 3 trained"
     )
 
 
@@ -487,11 +545,22 @@ def test_split_is_seeded_disjoint_and_order_preserving():
     assert split_examples(items, 10, seed=3) == (train, held)  # a count gives the same split as the fraction
 
 
+def test_holding_out_the_only_record_says_which_flags_fix_it(tmp_path):
+    conversations = load_examples(jsonl(tmp_path, {"prompt": "p", "completion": "c"}))
+    with pytest.raises(LorafitError) as caught:
+        split_examples(conversations, 0.05, seed=0)
+    assert str(caught.value) == (
+        "holding out 1 of 1 examples leaves none to train on; pass --held-out 0 (train on all of it, "
+        "no held-out evaluation) or give --eval-data FILE"
+    )
+
+
 def test_split_sizes_and_errors():
     assert split_examples([1, 2, 3], 0, seed=0) == ([1, 2, 3], [])
     assert len(split_examples([1, 2, 3], 0.01, seed=0)[1]) == 1  # a non-zero fraction holds out at least one
     for held_out, message in [
-        (3, "holding out 3 of 3 examples leaves none to train on"),
+        (3, "holding out 3 of 3 examples leaves none to train on; pass --held-out 0 (train on all of it, no "
+            "held-out evaluation) or give --eval-data FILE"),
         (1.0, "held-out fraction must be in [0, 1), got 1.0"),
         (-1, "held-out count must not be negative, got -1"),
         (True, "held-out must be a fraction or a count, got True"),

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lorafit
@@ -168,3 +169,155 @@ def test_save_needs_a_single_adapter_name_when_several_are_active(tmp_path):
         lorafit.save_adapter(model, tmp_path / "x")
     lorafit.save_adapter(model, tmp_path / "b", "b")
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["target_modules"] == ["k_proj"]
+
+
+# -- a base embedding weight stored beside the adapter (peft saves one for trained embeddings) ---------
+EMBED_BASE_KEY = "base_model.model.model.embed_tokens.base_layer.weight"
+
+
+def _adapter_with_base_embedding(tmp_path, tie: bool = True):
+    """A saved adapter on embed_tokens + q_proj whose file also carries a new embed_tokens base weight."""
+    model = tiny_llama(tie_word_embeddings=tie)
+    lorafit.attach(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    randomize_adapters(model)
+    folder = lorafit.save_adapter(model, tmp_path / "adapter")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors[EMBED_BASE_KEY] = torch.randn(64, 32, generator=torch.Generator().manual_seed(9))
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder, tensors
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def _assert_unchanged(model, snapshot):
+    state, requires_grad = snapshot
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+
+
+@pytest.mark.parametrize("spoil, error", [
+    (lambda t: t.update({"base_model.model.bogus.lora_A.weight": torch.zeros(2, 2)}), "unexpected key"),
+    (lambda t: t.update({"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": torch.zeros(4, 31)}),
+     "has shape"),
+])
+def test_failed_load_leaves_the_base_embedding_and_tied_head_unchanged(tmp_path, spoil, error):
+    folder, tensors = _adapter_with_base_embedding(tmp_path)
+    spoil(tensors)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = _snapshot(model)
+    with pytest.raises(LorafitError, match=error):
+        lorafit.load_adapter(model, folder)
+    assert not hasattr(model, "lorafit_state")
+    _assert_unchanged(model, before)  # lm_head.weight included: it is in the state dict
+
+
+def test_failed_load_keeps_the_adapters_already_there_active_and_trainable(tmp_path, input_ids):
+    folder, tensors = _adapter_with_base_embedding(tmp_path)
+    tensors["base_model.model.bogus.lora_A.weight"] = torch.zeros(2, 2)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    model = lorafit.attach(tiny_llama(tie_word_embeddings=True), LoraConfig(target_modules=["k_proj"]), "mine")
+    randomize_adapters(model)
+    before = _snapshot(model)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    with pytest.raises(LorafitError, match="unexpected key"):
+        lorafit.load_adapter(model, folder, "theirs")
+    assert lorafit.active_adapters(model) == ["mine"] and lorafit.adapter_names(model) == ["mine"]
+    _assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, expected)
+
+
+def test_failed_slice_layout_check_leaves_the_base_embedding_unchanged(tmp_path):
+    slices = FusedSlices(names=("q", "k", "v") * 4, sizes=(8,) * 12, adapt=("q", "v"))
+    model = tiny_neox()
+    lorafit.attach(model, LoraConfig(r=2, target_modules=["embed_in", "query_key_value"],
+                                     fused_slices={"query_key_value": slices}))
+    randomize_adapters(model)
+    folder = lorafit.save_adapter(model, tmp_path / "adapter")
+    path = folder / "adapter_model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()  # the slice layout: without it the file loads as a plain LoRA
+    tensors = load_file(path)
+    tensors["base_model.model.gpt_neox.embed_in.base_layer.weight"] = torch.randn(64, 32)
+    b_key = "base_model.model.gpt_neox.layers.1.attention.query_key_value.lora_B.weight"
+    tensors[b_key][8, 0] = 1.0  # row 8 is head 0's k: not an adapted slice
+    save_file(tensors, path, metadata=metadata)
+    target = tiny_neox()
+    before = _snapshot(target)
+    with pytest.raises(LorafitError, match="non-zero entries outside the adapted slices"):
+        lorafit.load_adapter(target, folder)
+    _assert_unchanged(target, before)
+
+
+def test_loaded_base_embedding_is_used_and_unload_gives_back_the_original(tmp_path, input_ids):
+    folder, tensors = _adapter_with_base_embedding(tmp_path)
+    model = tiny_llama(tie_word_embeddings=True)
+    before = _snapshot(model)
+    with torch.no_grad():
+        original_logits = model(input_ids).logits
+    lorafit.load_adapter(model, folder)
+    assert torch.equal(model.model.embed_tokens.base_layer.weight, tensors[EMBED_BASE_KEY])
+    assert torch.equal(model.lm_head.weight, tensors[EMBED_BASE_KEY])  # tied: the head follows
+    assert "model.embed_tokens.original_base_weight" not in model.state_dict()  # kept out of the files
+    lorafit.unload(model)
+    _assert_unchanged(model, (before[0], {n: False for n in before[1]}))  # unload keeps the model frozen
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, original_logits)
+
+
+def test_deleting_the_adapter_gives_back_the_base_embedding_it_brought(tmp_path):
+    folder, tensors = _adapter_with_base_embedding(tmp_path)
+    model = tiny_llama(tie_word_embeddings=True)
+    original = model.model.embed_tokens.weight.detach().clone()
+    lorafit.attach(model, LoraConfig(target_modules=["embed_tokens"]), "other")  # keeps the wrapper alive
+    lorafit.load_adapter(model, folder, "loaded")
+    wrapper = model.model.embed_tokens
+    assert torch.equal(wrapper.base_layer.weight, tensors[EMBED_BASE_KEY])
+    lorafit.delete_adapter(model, "loaded")
+    assert model.model.embed_tokens is wrapper and wrapper.adapter_names == ["other"]
+    assert torch.equal(wrapper.base_layer.weight, original) and torch.equal(model.lm_head.weight, original)
+    lorafit.load_adapter(model, folder, "again")
+    lorafit.delete_adapter(model, "other")
+    assert torch.equal(wrapper.base_layer.weight, tensors[EMBED_BASE_KEY])  # still the file's: "again" owns it
+    lorafit.delete_adapter(model, "again")
+    assert torch.equal(model.model.embed_tokens.weight, original)
+
+
+def test_a_second_base_embedding_and_deleting_its_owner_under_a_merge_are_refused(tmp_path):
+    folder, _ = _adapter_with_base_embedding(tmp_path, tie=False)
+    model = lorafit.load_adapter(tiny_llama(), folder, "first")
+    replaced = model.model.embed_tokens.base_layer.weight.detach().clone()
+    with pytest.raises(LorafitError, match=r"would replace the base weight of model.embed_tokens, which adapter "
+                                           r"'first' already replaced from its file; delete that adapter first"):
+        lorafit.load_adapter(model, folder, "second")
+    assert lorafit.adapter_names(model) == ["first"]
+    assert torch.equal(model.model.embed_tokens.base_layer.weight, replaced)
+
+    lorafit.attach(model, LoraConfig(target_modules=["embed_tokens"]), "other")
+    lorafit.set_active_adapter(model, ["first", "other"])
+    lorafit.merge(model, adapter_names=["other"])
+    with pytest.raises(LorafitError, match=r"adapter 'first' brought the base weight of model.embed_tokens, into "
+                                           r"which 'other' is merged; unmerge\(model\) before deleting it"):
+        lorafit.delete_adapter(model, "first")
+    assert lorafit.adapter_names(model) == ["first", "other"]  # refused before any module lost it
+    assert "first" in model.model.layers[0].self_attn.q_proj.lora_A
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"peft_type": "LORA", "r": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply to read"),
+    ('{"peft_type": "LORA", "r": 1' + "0" * 4999 + "}", r"unreadable JSON value \(Exceeds the limit"),
+])
+def test_json_python_cannot_read_is_one_line_naming_the_file(tmp_path, text, error):
+    _, folder = _saved(tmp_path)
+    (folder / "adapter_config.json").write_text(text)
+    with pytest.raises(LorafitError, match=rf"{folder / 'adapter_config.json'}: {error}") as err:
+        lorafit.load_adapter(tiny_llama(), folder)
+    assert "\n" not in str(err.value)

@@ -24,6 +24,7 @@ from lorafit.models import (
     load_model_and_tokenizer,
     resolve_model_folder,
 )
+from tests.conftest import write_tiny_chat_model
 
 DATA = Path(__file__).parent / "data"
 LLAMA_7B_PARAMETERS = 6_738_415_616
@@ -181,6 +182,49 @@ def test_unreadable_config(tiny_copy):
     config_file.mkdir()  # a directory where the file should be: unreadable even as root
     with pytest.raises(LorafitError, match=f"cannot read {config_file}: Is a directory"):
         load_model_and_tokenizer(tiny_copy)
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply to read"),
+    ('{"model_type": "llama", "x": 1' + "0" * 4999 + "}", r"unreadable JSON value \(Exceeds the limit"),
+])
+def test_config_json_python_cannot_read_is_one_line_naming_the_file(tiny_copy, text, error):
+    config_file = tiny_copy / "config.json"
+    config_file.write_text(text)
+    for load in (load_model_and_tokenizer, load_config):
+        with pytest.raises(LorafitError, match=rf"^{config_file}: {error}") as err:
+            load(tiny_copy)
+        assert "\n" not in str(err.value)
+
+
+def _cuts(data: bytes) -> dict[str, int]:
+    """Where to truncate a safetensors file: in the 8-byte length, in the header, just after it, in the data."""
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    return {"length": 4, "header": header_end // 2, "after header": header_end,
+            "data": (header_end + len(data)) // 2, "last byte": len(data) - 1}
+
+
+@pytest.mark.parametrize("where", ["length", "header", "after header", "data", "last byte"])
+def test_truncated_model_safetensors_is_one_line_naming_the_file(tmp_path, where):
+    folder = write_tiny_chat_model(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:_cuts(data)[where]])
+    with pytest.raises(LorafitError, match=rf"^{weights}: not a readable safetensors file "
+                                           r"\(truncated or corrupted\?\)") as err:
+        load_model_and_tokenizer(folder, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_safetensors_error_inside_transformers_is_one_line(tmp_path, monkeypatch):
+    """A file that breaks after the check (replaced meanwhile, say) still gives one line, not a traceback."""
+    folder = write_tiny_chat_model(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    monkeypatch.setattr(models, "_check_safetensors_files", lambda folder: None)
+    with pytest.raises(LorafitError, match=rf"^{folder}: a \*.safetensors file is not readable "
+                                           r"\(truncated or corrupted\?\): .*incomplete metadata"):
+        load_model_and_tokenizer(folder, device="cpu")
 
 
 def test_config_without_model_type(tiny_copy):

@@ -4,49 +4,53 @@
     model = lorafit.attach(model, lorafit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
     print(lorafit.report(model))
     lorafit.save_adapter(model, "out/adapter")
+
+The public names are imported on first use (PEP 562): `import lorafit` itself loads neither torch
+nor transformers, so `lorafit --help` answers at once while `lorafit.attach` works as usual.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from lorafit.accounting import ParameterCount, report, trainable_parameters  # noqa: E402
-from lorafit.adapters import (  # noqa: E402
-    active_adapters,
-    adapter_names,
-    adapter_per_row,
-    attach,
-    delete_adapter,
-    disable_adapters,
-    merge,
-    merge_and_unload,
-    set_active_adapter,
-    unload,
-    unmerge,
-)
-from lorafit.config import ALL_LINEAR, BitFitConfig, FusedSlices, IA3Config, LoraConfig  # noqa: E402
-from lorafit.errors import LorafitError  # noqa: E402
-from lorafit.io import load_adapter, save_adapter  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "ParameterCount": "lorafit.accounting",
+    "report": "lorafit.accounting",
+    "trainable_parameters": "lorafit.accounting",
+    "active_adapters": "lorafit.adapters",
+    "adapter_names": "lorafit.adapters",
+    "adapter_per_row": "lorafit.adapters",
+    "attach": "lorafit.adapters",
+    "delete_adapter": "lorafit.adapters",
+    "disable_adapters": "lorafit.adapters",
+    "merge": "lorafit.adapters",
+    "merge_and_unload": "lorafit.adapters",
+    "set_active_adapter": "lorafit.adapters",
+    "unload": "lorafit.adapters",
+    "unmerge": "lorafit.adapters",
+    "ALL_LINEAR": "lorafit.config",
+    "BitFitConfig": "lorafit.config",
+    "FusedSlices": "lorafit.config",
+    "IA3Config": "lorafit.config",
+    "LoraConfig": "lorafit.config",
+    "LorafitError": "lorafit.errors",
+    "load_adapter": "lorafit.io",
+    "save_adapter": "lorafit.io",
+}
 
-__all__ = [
-    "ALL_LINEAR",
-    "BitFitConfig",
-    "FusedSlices",
-    "IA3Config",
-    "LoraConfig",
-    "LorafitError",
-    "ParameterCount",
-    "active_adapters",
-    "adapter_names",
-    "adapter_per_row",
-    "attach",
-    "delete_adapter",
-    "disable_adapters",
-    "load_adapter",
-    "merge",
-    "merge_and_unload",
-    "report",
-    "save_adapter",
-    "set_active_adapter",
-    "trainable_parameters",
-    "unload",
-    "unmerge",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lorafit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

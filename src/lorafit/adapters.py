@@ -18,7 +18,6 @@ from torch import nn
 from lorafit.config import BitFitConfig, IA3Config, LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.methods.base import AdapterWrapper
-from lorafit.targeting import select_modules
 
 DEFAULT_ADAPTER = "default"
 AdapterConfig = Union[LoraConfig, IA3Config, BitFitConfig]
@@ -75,7 +74,8 @@ def attach(
     """Add adapter `adapter_name` (LoRA, IA3 or BitFit, per the config's type) to `model` in place.
 
     The new adapter becomes the active, trainable one; everything that is not an adapter parameter is
-    frozen the first time. Returns `model` itself. On any error the model is left as it was.
+    frozen the first time. Returns `model` itself. On any error the model is left as it was. Refused
+    while adapters are merged, since they would keep running beside the new one (see set_active_adapter).
     """
     from lorafit.methods import METHODS
 
@@ -86,6 +86,8 @@ def attach(
     state = getattr(model, "lorafit_state", None)
     if isinstance(state, AdapterState) and adapter_name in state.configs:
         raise LorafitError(f"the model already has an adapter named {adapter_name!r}; pick another name or delete it")
+    if isinstance(state, AdapterState):
+        _check_merged_stay_active(model, [adapter_name])
 
     paths = method.select(model, config)
     first_attach = not isinstance(state, AdapterState)
@@ -105,7 +107,7 @@ def attach(
         for path in paths:
             module = model.get_submodule(path)
             if isinstance(module, AdapterWrapper):
-                module.delete(adapter_name)
+                module.delete(adapter_name, path)
                 if path in created:
                     _replace_module(model, path, module.base_layer)
         raise
@@ -130,18 +132,36 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def set_active_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Make `names` the adapters that run (their outputs add up); only they are trainable."""
+    """Make `names` the adapters that run (their outputs add up); only they are trainable.
+
+    Adapters merged into the weights run whatever is active, so `names` must include every one of them
+    (unmerge(model) first to switch away from a merged adapter).
+    """
     state = state_of(model)
     names = [names] if isinstance(names, str) else list(names)
     for name in names:
         if name not in state.configs:
             raise LorafitError(f"no adapter named {name!r}; the model has {', '.join(state.configs) or 'none'}")
+    _check_merged_stay_active(model, names)
     state.active = names
     for _, wrapper in wrappers(model):
         wrapper.set_active(names)
         for dict_name in wrapper.adapter_parameter_dicts:
             for name, parameter in getattr(wrapper, dict_name).items():
                 parameter.requires_grad_(name in names)
+
+
+def _check_merged_stay_active(model: nn.Module, names: list[str]) -> None:
+    """Refuse an active set that leaves out a merged adapter: its update is in the weights and would still
+    run, so switching from merged "a" to "b" would silently compute W + a + b.
+    """
+    for path, wrapper in wrappers(model):
+        for merged in wrapper.merged_adapters:
+            if merged not in names:
+                raise LorafitError(
+                    f"adapter {merged!r} is merged into the weights of {path} and would keep running with "
+                    f"{', '.join(map(repr, names)) or 'no adapter'} active; unmerge(model) first"
+                )
 
 
 @contextmanager
@@ -194,15 +214,20 @@ def adapter_per_row(model: nn.Module, names: list[str]) -> Iterator[nn.Module]:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name`; modules left without any adapter get their original layer back."""
+    """Remove adapter `name`; modules left without any adapter get their original layer back.
+
+    A base weight the adapter's file replaced (see load_adapter) gets its original value back.
+    """
     state = state_of(model)
     if name not in state.configs:
         raise LorafitError(f"no adapter named {name!r}; the model has {', '.join(state.configs) or 'none'}")
-    for path, wrapper in list(wrappers(model)):
-        if name in wrapper.adapter_names:
-            wrapper.delete(name)
-            if not wrapper.adapter_names:
-                _replace_module(model, path, wrapper.base_layer)
+    found = [(path, wrapper) for path, wrapper in wrappers(model) if name in wrapper.adapter_names]
+    for path, wrapper in found:  # every module first: a refusal must not leave the adapter half deleted
+        wrapper.check_delete(name, path)
+    for path, wrapper in found:
+        wrapper.delete(name, path)
+        if not wrapper.adapter_names:
+            _replace_module(model, path, wrapper.base_layer)
     del state.configs[name]
     del state.module_paths[name]
     state.active = [n for n in state.active if n != name]
@@ -223,13 +248,20 @@ def _tied_elsewhere(model: nn.Module, wrapper_path: str, weight: torch.Tensor) -
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
     """W <- W + s·B·A for the given (default: active) adapters; inference then costs what the base costs.
 
-    All modules are checked first: if any merged weight would be NaN/Inf nothing at all is changed.
+    Only active adapters can be merged: a merged adapter runs whatever is active, so merging an inactive
+    one would change the outputs it is not supposed to take part in. Active adapters left out keep
+    running unmerged. All modules are checked first: if any merged weight would be NaN/Inf nothing at
+    all is changed.
     """
     state = state_of(model)
     names = list(state.active) if adapter_names is None else list(adapter_names)
     for name in names:
         if name not in state.configs:
             raise LorafitError(f"no adapter named {name!r}; the model has {', '.join(state.configs)}")
+        if name not in state.active:
+            raise LorafitError(f"adapter {name!r} is not active, so merging it would add it to the outputs; "
+                               f"activate it first (set_active_adapter), the active ones are "
+                               f"{', '.join(state.active) or 'none'}")
     found = [(p, w) for p, w in wrappers(model) if any(n in w.adapter_names for n in names)]
     for path, wrapper in found:
         tied = _tied_elsewhere(model, path, wrapper.base_layer.weight)
@@ -261,7 +293,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: the original model, as it was before `attach`."""
     unmerge(model)
     for _, wrapper in wrappers(model):
-        wrapper.restore_base()  # PiSSA changed W to a residual; give back the original
+        wrapper.restore_base()  # PiSSA's residual, or a base weight load_adapter took from the file
     return _unwrap_all(model)
 
 

@@ -2,14 +2,20 @@
 
 Each command is a dataclass (its fields are both the flags and the YAML keys; field docstrings are
 the --help text, via tyro) and a `run(config)` function. A YAML file given with --config sets
-defaults that flags override. Errors the user can fix print as one line and exit 1; `--debug` shows
-the traceback too.
+defaults that flags override. Every mistake prints as one line: 1 for an error lorafit found (bad
+data, model, settings), 2 for a command line that does not parse, 130 when interrupted; `--debug`
+shows the traceback too. Only the chosen command's module is imported, and the command modules import
+torch and transformers inside `run`, so `--help` answers without loading them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import importlib
+import io
+import re
 import sys
 import types
 import typing
@@ -17,29 +23,34 @@ from pathlib import Path
 
 from lorafit.errors import LorafitError
 
+# command -> (module, config class, what it does)
+COMMANDS = {
+    "train": ("lorafit.commands.train", "TrainConfig",
+              "fine-tune a model with LoRA (no arguments: the embedded model on the built-in task)"),
+    "eval": ("lorafit.commands.evaluation", "EvalConfig",
+             "loss, perplexity and exact match of a model (+ adapter) on held-out data"),
+    "generate": ("lorafit.commands.generate", "GenerateConfig",
+                 "answer a prompt with a model (+ adapter), streaming tokens"),
+    "merge": ("lorafit.commands.merge", "MergeConfig",
+              "fold an adapter into the base weights and save a plain transformers folder"),
+    "inspect": ("lorafit.commands.inspect", "InspectConfig",
+                "list a model's modules, which ones the targets select, and the parameter counts"),
+}
 
-def _commands() -> dict:
-    from lorafit.commands import evaluation, generate, inspect, merge, train
-
-    return {
-        "train": (train.TrainConfig, train.run),
-        "eval": (evaluation.EvalConfig, evaluation.run),
-        "generate": (generate.GenerateConfig, generate.run),
-        "merge": (merge.MergeConfig, merge.run),
-        "inspect": (inspect.InspectConfig, inspect.run),
-    }
+USAGE = ("usage: lorafit <command> [--config FILE] [flags]   (lorafit <command> --help for its flags)\n\ncommands:\n"
+         + "\n".join(f"  {name:<10} {about}" for name, (_, _, about) in COMMANDS.items())
+         + "\n\nglobal flags: --debug (show tracebacks), --version"
+         + "\nexit codes: 0 done, 1 error, 2 command line does not parse, 130 interrupted (resume with --resume RUN)")
 
 
-USAGE = """usage: lorafit <command> [--config FILE] [flags]   (lorafit <command> --help for its flags)
+class UsageError(LorafitError):
+    """The command line itself does not parse (exit code 2)."""
 
-commands:
-  train      fine-tune a model with LoRA (no arguments: the embedded model on the built-in task)
-  eval       loss, perplexity and exact match of a model (+ adapter) on held-out data
-  generate   answer a prompt with a model (+ adapter), streaming tokens
-  merge      fold an adapter into the base weights and save a plain transformers folder
-  inspect    list a model's modules, which ones the targets select, and the parameter counts
 
-global flags: --debug (show tracebacks)"""
+def _command(name: str):
+    module_name, class_name, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name), module.run
 
 
 def _type_ok(annotation, value) -> bool:
@@ -49,7 +60,7 @@ def _type_ok(annotation, value) -> bool:
         return any(_type_ok(arg, value) for arg in typing.get_args(annotation))
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Annotated:
+    if origin is typing.Annotated:
         return _type_ok(typing.get_args(annotation)[0], value)
     if annotation is type(None):
         return value is None
@@ -62,10 +73,26 @@ def _type_ok(annotation, value) -> bool:
     return True
 
 
+def _wants_float(annotation) -> bool:
+    if annotation is float:
+        return True
+    return any(_wants_float(arg) for arg in typing.get_args(annotation))
+
+
+def _looks_like_float(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
 def load_yaml_defaults(config_class, path: Path) -> dict:
     """The YAML file's settings, checked key by key against the command's fields."""
     import yaml
 
+    if path.is_dir():
+        raise LorafitError(f"--config {path} is a directory; give the YAML file of settings (e.g. {path}/run.yaml)")
     if not path.is_file():
         raise LorafitError(f"--config {path}: no such file")
     try:
@@ -90,7 +117,11 @@ def load_yaml_defaults(config_class, path: Path) -> dict:
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise LorafitError(f"{path}: unknown setting {key!r}{hint}")
         if not _type_ok(hints[name], value):
-            raise LorafitError(f"{path}: {key} = {value!r} does not fit its type {hints[name]}")
+            hint = ""
+            if _wants_float(hints[name]) and _looks_like_float(value):
+                # YAML 1.1 (PyYAML) reads 2e-4 as a string: a float needs a dot, as in 2.0e-4.
+                hint = f"; YAML reads {value} as text: write it with a dot, e.g. {key}: {float(value)!r}"
+            raise LorafitError(f"{path}: {key} = {value!r} does not fit its type {hints[name]}{hint}")
         settings[name] = value
     return settings
 
@@ -99,7 +130,7 @@ def _pop_option(argv: list[str], flag: str) -> str | None:
     for index, arg in enumerate(argv):
         if arg == flag:
             if index + 1 >= len(argv):
-                raise LorafitError(f"{flag} needs a value")
+                raise UsageError(f"{flag} needs a value")
             value = argv[index + 1]
             del argv[index : index + 2]
             return value
@@ -109,26 +140,73 @@ def _pop_option(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def flags_given(argv: list[str], config_class) -> set[str]:
+    """The config fields the command line names (tyro spells field x_y as --x-y, booleans also --no-x-y)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    given = set()
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name not in known and name.startswith("no_") and name[3:] in known:
+            name = name[3:]
+        if name in known:
+            given.add(name)
+    return given
+
+
+# tyro draws its parse errors in boxes over a dozen lines (plain rules when not on a terminal); lorafit
+# promises one line: the box's first paragraph, plus the flag tyro suggests.
+_RULE_CHARACTERS = set("╭╮╰╯│─- ")
+
+
+def _one_line_usage_error(rendered: str, command: str) -> str:
+    lines = [line.strip().strip("╭╮╰╯│").strip() for line in rendered.splitlines()]
+    paragraphs, current = [], []
+    for line in lines[1:]:  # the first line is the box's title
+        if not line or set(line) <= _RULE_CHARACTERS:
+            if current:
+                paragraphs.append(current)
+            current = []
+        else:
+            current.append(line)
+    if current:
+        paragraphs.append(current)
+    message = " ".join(paragraphs[0]) if paragraphs else "the command line does not parse"
+    message = re.sub(r"\s+", " ", message).replace(", ", " ") if message.startswith("Unrecognized") else message
+    for paragraph in paragraphs[1:]:
+        if paragraph[0].startswith("Perhaps you meant") and len(paragraph) > 1:
+            message = message.rstrip(".") + f" (did you mean {paragraph[1].split()[0].rstrip(',')}?)"
+    return f"{re.sub(r'[ ]+', ' ', message)}; see lorafit {command} --help"
+
+
 def parse(argv: list[str]):
-    """(command name, config instance, runner) from the command line."""
+    """(command name, config instance, runner, fields the user set) from the command line."""
     import tyro
 
-    commands = _commands()
     name, rest = argv[0], list(argv[1:])
-    if name not in commands:
-        close = difflib.get_close_matches(name, list(commands), n=1)
-        raise LorafitError(f"unknown command {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                           + f"; commands: {', '.join(commands)}")
-    config_class, runner = commands[name]
-    # `inspect --config` names a model's config.json (as in the issue); every other command reads YAML.
-    config_file = None if name == "inspect" else _pop_option(rest, "--config")
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        raise UsageError(f"unknown command {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                         + f"; commands: {', '.join(COMMANDS)}")
+    config_class, runner = _command(name)
+    config_file = _pop_option(rest, "--config")
     defaults = load_yaml_defaults(config_class, Path(config_file)) if config_file else {}
     # Fields without a default stay required unless the YAML file sets them.
     required = {f.name: tyro.MISSING for f in dataclasses.fields(config_class)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     default = config_class(**{**required, **defaults})
-    config = tyro.cli(config_class, args=rest, default=default, prog=f"lorafit {name}")
-    return name, config, runner
+    if any(arg in ("-h", "--help") for arg in rest):
+        tyro.cli(config_class, args=rest, default=default, prog=f"lorafit {name}")  # prints the help, exits 0
+    rendered = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(rendered), contextlib.redirect_stdout(rendered):
+            config = tyro.cli(config_class, args=rest, default=default, prog=f"lorafit {name}")
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            raise
+        raise UsageError(_one_line_usage_error(rendered.getvalue(), name)) from None
+    return name, config, runner, set(defaults) | flags_given(rest, config_class)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +221,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"lorafit {__version__}")
         return 0
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # lorafit prints its own progress
     try:
-        name, config, runner = parse(argv)
-        outcome = runner(config)
+        name, config, runner, given = parse(argv)
+        _quiet_transformers()
+        outcome = runner(config, given=given)
+    except UsageError as err:
+        if debug:
+            raise
+        print(f"lorafit {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
     except LorafitError as err:
         if debug:
             raise
@@ -160,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(outcome, dict) and outcome.get("interrupted"):
         return 130  # stopped by SIGINT/SIGTERM after writing a checkpoint (the loop said how to resume)
     return 0
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # lorafit prints its own progress
 
 
 if __name__ == "__main__":

@@ -1,15 +1,46 @@
-"""Held-out evaluation: token loss and perplexity, and exact match of greedy generations."""
+"""Held-out evaluation: token loss and perplexity, and exact match of greedy generations.
+
+Both measure the same examples: those that fit max_length whole. A held-out example cut short would
+score a different task (its reply truncated), so it is left out of both and counted instead.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from lorafit.data import encode_prompt
+from lorafit.data import DataStats, build_dataset, encode_prompt
 from lorafit.tasks import evaluation_pairs, exact_match
 from lorafit.train.batching import collate_padded
 from lorafit.train.loss import summed_token_loss
+
+
+@dataclass
+class HeldOut:
+    """Held-out examples tokenised for the loss, the same conversations for exact match, and what was left out."""
+
+    examples: list
+    conversations: list
+    stats: DataStats
+
+    @property
+    def left_out(self) -> int:
+        return self.stats.examples_in - self.stats.kept
+
+    def describe_left_out(self, max_length: int) -> str:
+        return (f"{self.left_out} of {self.stats.examples_in} held-out examples left out of loss and exact match "
+                f"({self.stats.skipped_too_long} longer than --max-length {max_length}, "
+                f"{self.stats.dropped_all_masked} with nothing to predict)")
+
+
+def held_out_set(tokenizer, conversations: list, max_length: int, train_on_prompt: bool = False,
+                 source: str | None = None) -> HeldOut:
+    """The examples that fit max_length whole, for both the loss and exact match."""
+    examples, stats = build_dataset(tokenizer, conversations, max_length, train_on_prompt, "skip",
+                                    source=source, purpose="held-out")
+    return HeldOut(examples, [conversations[i] for i in stats.kept_indices], stats)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 Every file lorafit writes (adapters, merged models, checkpoints) goes to a temporary name in the same
 folder, is flushed to disk, then renamed over the target; a crash at any moment leaves no half file.
+Written files get the permissions `open(..., "w")` would give (0o666 less the umask), whatever the
+library that wrote the temporary file chose (safetensors creates its files 0600).
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 
 def _fsync(path: Path) -> None:
@@ -26,6 +31,21 @@ def _fsync(path: Path) -> None:
 _USER_FIXABLE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
 
+# safetensors (and so transformers' save_pretrained) reports I/O failures as a SafetensorError whose
+# text carries Rust's rendering of the OS error: "... (os error 28)" or "Os { code: 28, ... }".
+_OS_ERROR_CODE = re.compile(r"os error (\d+)|code: (\d+)")
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The OS error number behind a write failure, if it has one."""
+    if isinstance(err, OSError):
+        return err.errno
+    if isinstance(err, SafetensorError):
+        found = _OS_ERROR_CODE.search(str(err))
+        if found:
+            return int(found.group(1) or found.group(2))
+    return None
+
 
 @contextmanager
 def explain_write_errors(target: str | os.PathLike) -> Iterator[None]:
@@ -34,21 +54,74 @@ def explain_write_errors(target: str | os.PathLike) -> Iterator[None]:
 
     try:
         yield
-    except OSError as err:
-        if err.errno not in _USER_FIXABLE:
+    except (OSError, SafetensorError) as err:
+        code = _errno_of(err)
+        if code not in _USER_FIXABLE:
             raise
-        raise LorafitError(f"cannot write {target}: {_USER_FIXABLE[err.errno]}; what was there before is intact") from err
+        raise LorafitError(f"cannot write {target}: {_USER_FIXABLE[code]}; what was there before is intact") from err
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows.
+
+    The os.umask round trip briefly sets the umask of the whole process, which a thread creating a file
+    at that moment would see; Linux publishes it in /proc/self/status, so that is tried first.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    """What a new file gets from open(..., "w"): 0o666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def _folder_mode() -> int:
+    """What a new folder gets from mkdir: 0o777 less the umask."""
+    return 0o777 & ~_umask()
+
+
+def apply_default_permissions(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything under it the modes open() and mkdir() would have given.
+
+    For output folders built by other libraries (tempfile.mkdtemp makes 0700 folders, safetensors 0600
+    files) so that another user, such as a serving process, can read them as the umask intends.
+    Symbolic links are left alone and not followed.
+    """
+    file_mode, folder_mode = _file_mode(), _folder_mode()
+    os.chmod(folder, folder_mode)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
 
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; when the block succeeds, move it onto `target`."""
+    """Yield a temporary path beside `target`; when the block succeeds, move it onto `target`.
+
+    The file written in the block gets the default mode (see the module docstring) before the rename.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with explain_write_errors(target):
             yield temporary
+            os.chmod(temporary, _file_mode())
             _fsync(temporary)
             os.replace(temporary, target)
     finally:

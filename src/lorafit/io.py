@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorafit import __version__
-from lorafit.adapters import attach, delete_adapter, state_of
+from lorafit.adapters import AdapterState, attach, delete_adapter, set_active_adapter, state_of
 from lorafit.config import BitFitConfig, FusedSlices, IA3Config, LoraConfig
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_path, write_json
@@ -114,7 +114,7 @@ def _single_adapter(model: nn.Module, adapter_name: str | None) -> str:
     return state.active[0]
 
 
-def _lora_file_config(model, config: LoraConfig, paths: list[str], name: str, for_resume: bool) -> tuple[dict, dict]:
+def _lora_file_config(model, config: LoraConfig, paths: list[str], name: str) -> tuple[dict, dict]:
     """peft's LoRA keys; modules whose saved rank differs (slices, PiSSA) get rank/alpha pattern entries."""
     rank_pattern, alpha_pattern, slices_meta = dict(config.rank_pattern), dict(config.alpha_pattern), {}
     fan_in_fan_out = False
@@ -122,12 +122,12 @@ def _lora_file_config(model, config: LoraConfig, paths: list[str], name: str, fo
         wrapper = model.get_submodule(path)
         fan_in_fan_out |= wrapper.fan_in_fan_out
         spec = wrapper.specs[name]
-        rank = wrapper.file_rank(name, for_resume)
+        rank = wrapper.file_rank(name)
         if rank != spec.rank:  # the same s·B·A with rank r': alpha' keeps alpha'/r' (or alpha'/sqrt(r')) = s
             key = re.escape(path)
             rank_pattern = {key: rank, **rank_pattern}
             alpha_pattern = {key: spec.scaling * rank ** (0.5 if config.use_rslora else 1.0), **alpha_pattern}
-        if spec.slices is not None and not for_resume:
+        if spec.slices is not None:
             slices_meta[path] = {**asdict(spec.slices), "rank": config.rank_for(path), "alpha": config.alpha_for(path)}
     file_config = {
         "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
@@ -167,30 +167,39 @@ def save_adapter(
     adapter_name: str | None = None,
     *,
     base_model_name_or_path: str | None = None,
-    for_resume: bool = False,
+    base_model: dict | None = None,
 ) -> Path:
     """Write one adapter (default: the active one) as a peft-format folder; returns the folder.
 
     Each file is written atomically. Sliced LoRA adapters are stored as the equivalent full LoRA of
     rank G·r and PiSSA adapters as the rank-2r LoRA that applies to the untouched base model, so peft
-    and vLLM load them. `for_resume` (training checkpoints) stores the raw training state instead.
+    and vLLM load them. `base_model` (lorafit.identity.base_identity of the bare base) is recorded in
+    the safetensors metadata, so `lorafit eval/merge/generate` use that base and refuse another.
     """
     name = _single_adapter(model, adapter_name)
     state = state_of(model)
     config, paths = state.configs[name], state.module_paths[name]
     tensors: dict[str, torch.Tensor] = {}
     for path in paths:
-        for suffix, tensor in model.get_submodule(path).file_tensors(name, for_resume).items():
+        for suffix, tensor in model.get_submodule(path).file_tensors(name).items():
             tensors[f"{KEY_PREFIX}{path}.{suffix}"] = tensor.detach().to("cpu").contiguous().clone()
 
     metadata = {"format": "pt", "lorafit_version": __version__}
     if isinstance(config, LoraConfig):
-        method_config, extra_metadata = _lora_file_config(model, config, paths, name, for_resume)
+        method_config, extra_metadata = _lora_file_config(model, config, paths, name)
         metadata.update(extra_metadata)
     elif isinstance(config, IA3Config):
         method_config = _ia3_file_config(model, config, paths, name)
     else:
         method_config = _bitfit_file_config(model, config, paths)
+    if base_model is not None:
+        from lorafit.identity import METADATA_KEY
+
+        metadata[METADATA_KEY] = json.dumps(base_model)
+    nonfinite = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if nonfinite:
+        raise LorafitError(f"refusing to save adapter {name!r}: {nonfinite[0]} holds NaN/Inf"
+                           + (f" (+{len(nonfinite) - 1} more tensors)" if len(nonfinite) > 1 else ""))
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     adapter_config = {"task_type": _task_type(model), "base_model_name_or_path": base_model_name_or_path,
@@ -216,6 +225,10 @@ def read_adapter_config(folder: Path) -> dict:
         raise LorafitError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise LorafitError(f"{path}, line {err.lineno}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise LorafitError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as err:  # valid JSON Python still refuses, e.g. an integer of over 4300 digits
+        raise LorafitError(f"{path}: unreadable JSON value ({str(err).split(':')[0]})") from None
     if not isinstance(raw, dict):
         raise LorafitError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
@@ -290,7 +303,7 @@ def _apply_slice_metadata(config: LoraConfig, metadata: dict, where: Path) -> Lo
         slices = {re.escape(p): FusedSlices(v["names"], v["sizes"], v["adapt"]) for p, v in layout.items()}
         ranks = {re.escape(p): v["rank"] for p, v in layout.items()}
         alphas = {re.escape(p): v["alpha"] for p, v in layout.items()}
-    except (ValueError, KeyError, TypeError, AttributeError, LorafitError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, LorafitError) as err:
         raise LorafitError(f"{where / WEIGHTS_NAME}: unreadable lorafit_fused_slices metadata ({err})") from None
     rank_pattern = {**ranks, **{k: v for k, v in config.rank_pattern.items() if k not in ranks}}
     alpha_pattern = {**alphas, **{k: v for k, v in config.alpha_pattern.items() if k not in alphas}}
@@ -309,7 +322,10 @@ def load_adapter(
     """Attach the adapter saved in `folder` (by lorafit or peft) to `model`, in place; returns `model`.
 
     Strict: every tensor the model's adapter needs must be in the file with the right shape, and every
-    tensor in the file must belong to it; otherwise the error names the key and the model is unchanged.
+    tensor in the file must belong to it; otherwise the error names the key and the model is unchanged
+    (weights and which parameters require grad). A base embedding weight stored beside the adapter
+    (peft does so for trained embeddings) replaces the model's; unloading or deleting the adapter gives
+    the original back.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -325,11 +341,20 @@ def load_adapter(
         if not key.startswith(KEY_PREFIX):
             raise LorafitError(f"{folder / WEIGHTS_NAME}: key {key!r} does not start with {KEY_PREFIX!r} (not a peft file)")
 
+    # attach changes more than the new adapter: it activates it alone and freezes (first time) or
+    # unfreezes parameters; remember those to put them back if the file does not fit.
+    state = getattr(model, "lorafit_state", None)
+    active = list(state.active) if isinstance(state, AdapterState) else None
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     attach(model, config, adapter_name)
     try:
-        _copy_weights(model, adapter_name, tensors, folder / WEIGHTS_NAME, for_resume=False)
+        _copy_weights(model, adapter_name, tensors, folder / WEIGHTS_NAME)
     except Exception:
         delete_adapter(model, adapter_name)
+        if active is not None:
+            set_active_adapter(model, active)
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
         raise
     for path in state_of(model).module_paths[adapter_name]:
         for tensor in model.get_submodule(path).adapter_tensors(adapter_name).values():
@@ -337,19 +362,39 @@ def load_adapter(
     return model
 
 
-def load_adapter_weights_into(model: nn.Module, folder: str | Path, adapter_name: str) -> None:
-    """Overwrite an attached adapter's tensors with a checkpoint's (saved with for_resume=True)."""
-    folder = Path(folder)
-    tensors, _ = _read_weights(folder, allow_pickle=False)
-    _copy_weights(model, adapter_name, tensors, folder / WEIGHTS_NAME, for_resume=True)
+@dataclass
+class _ModuleTensors:
+    """What a file holds for one adapted module, checked against it and not yet copied."""
+
+    path: str
+    wrapper: nn.Module
+    adapter: dict[str, torch.Tensor]
+    base_weight: torch.Tensor | None = None
 
 
-def _copy_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: Path, for_resume: bool) -> None:
+def _copy_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Check every key and shape of the file first and only then copy, so a file that does not fit
+    changes nothing. Base weights are written last: the adapter's own tensors (the slice layout of a
+    fused layer is checked while they are copied) belong to an adapter a failed load deletes again.
+    """
+    matched = _match_file_tensors(model, name, tensors, where)
+    for module in matched:
+        module.wrapper.load_file_tensors(name, module.adapter, f"{where}: {module.path}")
+    for module in matched:
+        if module.base_weight is not None:
+            module.wrapper.replace_base_weight(name, module.base_weight)
+
+
+def _match_file_tensors(
+    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: Path
+) -> list[_ModuleTensors]:
+    """The file's tensors grouped by adapted module; raises on any missing, misshapen or unexpected key."""
     remaining = dict(tensors)
+    matched = []
     for path in state_of(model).module_paths[name]:
         wrapper = model.get_submodule(path)
         found = {}
-        for suffix, want in wrapper.expected_file_shapes(name, for_resume).items():
+        for suffix, want in wrapper.expected_file_shapes(name).items():
             key = f"{KEY_PREFIX}{path}.{suffix}"
             if key not in remaining:
                 raise LorafitError(f"{where}: missing key {key!r} (the adapter does not cover module {path})")
@@ -360,16 +405,7 @@ def _copy_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
                     "was this adapter made for another base model?"
                 )
             found[suffix] = tensor
-        # peft stores a targeted embedding's (possibly resized/trained) base weight beside the adapter.
-        base_key = f"{KEY_PREFIX}{path}.base_layer.weight"
-        if isinstance(wrapper, LoraEmbedding) and base_key in remaining:
-            base_weight = remaining.pop(base_key)
-            if tuple(base_weight.shape) != tuple(wrapper.base_layer.weight.shape):
-                raise LorafitError(f"{where}: {base_key} has shape {tuple(base_weight.shape)}, the model's is "
-                                   f"{tuple(wrapper.base_layer.weight.shape)}")
-            with torch.no_grad():
-                wrapper.base_layer.weight.copy_(base_weight)
-        wrapper.load_file_tensors(name, found, f"{where}: {path}", for_resume)
+        matched.append(_ModuleTensors(path, wrapper, found, _base_weight(wrapper, path, name, remaining, where)))
     if remaining:
         key = sorted(remaining)[0]
         raise LorafitError(
@@ -377,3 +413,22 @@ def _copy_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
             + (f" (+{len(remaining) - 1} more)" if len(remaining) > 1 else "")
             + ": the model has no adapted module for it; was this adapter made for another base model?"
         )
+    return matched
+
+
+def _base_weight(wrapper: nn.Module, path: str, name: str, remaining: dict, where: Path) -> torch.Tensor | None:
+    """peft stores a targeted embedding's (possibly trained) base weight beside the adapter: take it out of
+    `remaining` and check it fits. One adapter per embedding may bring one, since the module has one weight.
+    """
+    key = f"{KEY_PREFIX}{path}.base_layer.weight"
+    if not isinstance(wrapper, LoraEmbedding) or key not in remaining:
+        return None
+    weight = remaining.pop(key)
+    if tuple(weight.shape) != tuple(wrapper.base_layer.weight.shape):
+        raise LorafitError(f"{where}: {key} has shape {tuple(weight.shape)}, the model's is "
+                           f"{tuple(wrapper.base_layer.weight.shape)}")
+    owner = wrapper.base_weight_owner
+    if owner not in (None, name):
+        raise LorafitError(f"{where}: {key} would replace the base weight of {path}, which adapter {owner!r} "
+                           "already replaced from its file; delete that adapter first")
+    return weight

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -135,6 +136,8 @@ def load_model_and_tokenizer(
     config_data = _read_config_json(_config_file(folder))
     _check_model_type(config_data, folder / "config.json", trust_remote_code, need_causal_lm=True)
     use_safetensors = _check_weights(folder, allow_pickle)
+    if use_safetensors:
+        _check_safetensors_files(folder)
     tokenizer = _load_tokenizer(folder, trust_remote_code)
 
     try:
@@ -146,6 +149,10 @@ def load_model_and_tokenizer(
             dtype=torch_dtype,
             output_loading_info=True,
         )
+    except SafetensorError as err:  # what _check_safetensors_files cannot see, e.g. a file changed since
+        raise LorafitError(
+            f"{folder}: a *.safetensors file is not readable (truncated or corrupted?): {_first_line(err)}"
+        ) from err
     except (OSError, ValueError) as err:
         raise LorafitError(f"{folder}: transformers could not load the model: {_first_line(err)}") from err
     except RuntimeError as err:
@@ -312,6 +319,10 @@ def _read_config_json(config_file: Path) -> dict:
         raise LorafitError(
             f"{config_file} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from err
+    except RecursionError:
+        raise LorafitError(f"{config_file}: JSON nested too deeply to read") from None
+    except ValueError as err:  # valid JSON Python still refuses, e.g. an integer of over 4300 digits
+        raise LorafitError(f"{config_file}: unreadable JSON value ({str(err).split(':')[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise LorafitError(f"{config_file} has no \"model_type\": it is not a transformers model config")
     return data
@@ -345,6 +356,23 @@ def _check_weights(folder: Path, allow_pickle: bool) -> bool:
             "pass allow_pickle=True (--allow-pickle) if you trust the source, or convert them to safetensors"
         )
     raise LorafitError(f"{folder} has no weights (*.safetensors): it holds {_brief(names)}")
+
+
+def _check_safetensors_files(folder: Path) -> None:
+    """Refuse a truncated or corrupted *.safetensors file by name, before transformers meets it.
+
+    Opening reads only the header (the data is mapped, not read), and safetensors then requires the
+    header's tensor offsets to cover the file exactly, so a cut anywhere, in the header or in the
+    tensor data, is caught here for the cost of a header read.
+    """
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu"):
+                pass
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise LorafitError(
+                f"{path}: not a readable safetensors file (truncated or corrupted?): {_first_line(err)}"
+            ) from err
 
 
 def _load_tokenizer(folder: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:

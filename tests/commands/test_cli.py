@@ -47,7 +47,8 @@ def test_existing_output_is_refused_and_resume_continues(trained_run, tiny_chat_
     args = ["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--steps", "6", "--batch-size",
             "4", "--lr", "1e-2", "--output", str(trained_run)]
     assert main(args) == 1
-    assert "exists and is not empty; pass --overwrite, or --resume" in capsys.readouterr().err
+    assert f"exists and is not empty; pass --overwrite to replace the run there, or --resume {trained_run}" in \
+        capsys.readouterr().err
     before = load_file(trained_run / "adapter" / "adapter_model.safetensors")
     assert main(["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--steps", "6",
                  "--batch-size", "4", "--lr", "1e-2", "--eval-examples", "4", "--max-new-tokens", "4",
@@ -80,7 +81,8 @@ def test_eval_prints_json_metrics(trained_run, tiny_chat_model, date_data, capsy
     assert main(["eval", "--model", str(tiny_chat_model), "--adapter", str(trained_run / "adapter"),
                  "--data", str(date_data), "--json", "--eval-examples", "3", "--max-new-tokens", "4"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(metrics) == {"loss", "perplexity", "exact_match", "examples"} and metrics["examples"] == 40
+    assert set(metrics) == {"loss", "perplexity", "exact_match", "examples", "left_out"}
+    assert metrics["examples"] == 40 and metrics["left_out"] == 0
     assert 0 < metrics["loss"] < 10 and abs(metrics["perplexity"] - 2.718281828 ** metrics["loss"]) < 1e-3
     assert 0 <= metrics["exact_match"] <= 1
 
@@ -117,11 +119,10 @@ def test_bad_yaml_is_one_clear_line(tmp_path, capsys, content, message):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--r", "0"], "--r must be >= 1"),
-    (["train", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "--lr", "-1"], "--lr must be a finite number > 0"),
     (["train", "--steps", "0"], "--steps must be > 0"),
     (["train", "--model", "/nonexistent/model"], "/nonexistent/model"),
     (["train", "--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
-    (["trian"], "unknown command 'trian' (did you mean train?)"),
 ])
 def test_bad_arguments_exit_non_zero_with_one_line(capsys, args, message):
     assert main(args) == 1
@@ -129,8 +130,30 @@ def test_bad_arguments_exit_non_zero_with_one_line(capsys, args, message):
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["trian"], "unknown command 'trian' (did you mean train?)"),
+    (["train", "--stepz", "3"], "Unrecognized options: --stepz 3 (did you mean --steps?); see lorafit train --help"),
+    (["train", "--steps", "abc"], "Error parsing --steps"),
+    (["train", "--steps"], "Missing value for argument '--steps'"),
+    (["eval", "--jsn"], "(did you mean --json?)"),
+])
+def test_a_command_line_that_does_not_parse_is_one_line_and_exit_2(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "╭" not in err, err
+
+
+def test_yaml_float_without_a_dot_and_a_folder_as_config_explain_themselves(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 2e-4\n")  # YAML 1.1 reads this as a string
+    assert main(["train", "--config", str(config)]) == 1
+    assert "YAML reads 2e-4 as text: write it with a dot, e.g. lr: 0.0002" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path)]) == 1
+    assert f"--config {tmp_path} is a directory" in capsys.readouterr().err
+
+
 def test_inspect_counts_the_seed_llama_7b_figures(capsys):
-    assert main(["inspect", "--config", "tests/data/llama-7b-config.json", "--targets", "q_proj,v_proj"]) == 0
+    assert main(["inspect", "--model-config", "tests/data/llama-7b-config.json", "--targets", "q_proj,v_proj"]) == 0
     out = capsys.readouterr().out
     assert "trainable 4,194,304 / 6,742,609,920 (0.062%) · base 6,738,415,616" in out
     assert "q_proj              Linear      4096→4096           32  yes" in out

@@ -1,5 +1,6 @@
 """The training loop: determinism, exact resume, token-weighted accumulation, guards, interrupts."""
 
+import json
 import os
 import signal
 
@@ -86,8 +87,27 @@ def test_a_nan_loss_stops_with_the_step_number_or_is_skipped(tmp_path):
         model.model.layers[0].self_attn.q_proj.lora_B["default"].fill_(float("nan"))
     with pytest.raises(LorafitError, match="non-finite step 1: loss nan"):
         _train(tmp_path / "stop", model=model)
-    skipped, _ = _train(tmp_path / "skip", steps=2, model=model, on_nonfinite="skip")
-    assert skipped.steps_done == 2 and skipped.losses == []
+    # skipping every step learns nothing: that is an error too, and no final checkpoint is written
+    with pytest.raises(LorafitError, match=r"every step of this run \(2\) had a non-finite loss"):
+        _train(tmp_path / "skip", steps=2, model=model, on_nonfinite="skip")
+    assert not (tmp_path / "skip" / "checkpoints" / "step-000002").exists()
+    log = [json.loads(line) for line in (tmp_path / "skip" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1] and log[0]["skipped"].startswith("loss nan")
+
+
+def test_skipped_steps_are_counted_and_logged_and_the_rest_train(tmp_path, monkeypatch):
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def nan_norm_on_second_step(*args, **kwargs):  # the loop clips once per optimizer step
+        calls.append(1)
+        norm = real_clip(*args, **kwargs)
+        return norm * float("nan") if len(calls) == 2 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_norm_on_second_step)
+    result, _ = _train(tmp_path / "run", steps=3, on_nonfinite="skip")
+    assert result.steps_done == 3 and result.skipped_steps == 1 and len(result.losses) == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "skipped" in log[1] and "loss" in log[0] and "loss" in log[2]
 
 
 def test_sigint_finishes_the_step_checkpoints_and_resume_completes_exactly(tmp_path):

@@ -1,16 +1,18 @@
-"""`lorafit eval`: held-out loss, perplexity and exact match of a model, with or without an adapter."""
+"""`lorafit eval`: held-out loss, perplexity and exact match of a model, with or without an adapter.
+
+Loss and exact match are measured on the same examples, those that fit --max-length whole (the
+others are counted and reported, as in `lorafit train`).
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
-from lorafit.commands.common import load_model_with_adapter
-from lorafit.commands.train import BUILTIN
-from lorafit.data import build_dataset, load_examples
-from lorafit.evaluate import evaluate_loss, exact_match_accuracy
-from lorafit.tasks import date_task_splits
+from lorafit.commands.common import print_settings
+from lorafit.errors import LorafitError
 
 
 @dataclass
@@ -18,23 +20,22 @@ class EvalConfig:
     """Evaluate a model (and adapter) on instruction data: loss, perplexity, exact match."""
 
     model: Optional[str] = None
-    """Model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
+    """Model folder or .gguf file ('default': the embedded SmolLM2-135M-Instruct). With --adapter: the base the
+    adapter records, and a different one is refused."""
     adapter: Optional[str] = None
-    """Adapter folder (lorafit or peft) to apply on top."""
+    """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
     data: Optional[str] = None
     """JSONL/JSON file (default: the built-in task's held-out split for --seed)."""
     seed: int = 0
     """Seed of the built-in task's split (the one training used)."""
     max_length: int = 512
-    """Longest example in tokens."""
-    overflow: Literal["truncate", "skip"] = "truncate"
-    """What to do with longer examples."""
+    """Longest example in tokens; longer ones are left out of loss and exact match, and counted."""
     eval_examples: int = 100
-    """Examples used for exact match (greedy generation); loss uses all."""
+    """Examples used for exact match (greedy generation); loss uses all; 0 skips exact match."""
     max_new_tokens: int = 32
     """Generation length for exact match."""
     json: bool = False
-    """Print the metrics as one JSON object."""
+    """Print the metrics as one JSON object (the settings then go to stderr)."""
     dtype: Optional[str] = None
     """Model dtype (default float32)."""
     allow_pickle: bool = False
@@ -43,22 +44,39 @@ class EvalConfig:
     """Run model code shipped with the model folder."""
 
 
-def run(config: EvalConfig, echo=print) -> dict:
-    model, tokenizer = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
-                                               allow_pickle=config.allow_pickle,
-                                               trust_remote_code=config.trust_remote_code)
+def run(config: EvalConfig, echo=print, given=None) -> dict:
+    from lorafit.commands.common import load_model_with_adapter
+    from lorafit.commands.train import BUILTIN
+    from lorafit.data import read_examples
+    from lorafit.evaluate import evaluate_loss, exact_match_accuracy, held_out_set
+    from lorafit.tasks import date_task_splits
+
+    if config.max_length < 2 or config.eval_examples < 0 or config.max_new_tokens < 1:
+        raise LorafitError("--max-length must be >= 2, --eval-examples >= 0 and --max-new-tokens >= 1")
+    print_settings(config, to_stderr=config.json)
+    # With --json, stdout is the one JSON object; everything else goes to stderr.
+    note = echo if not config.json else (lambda line: print(line, file=sys.stderr))
     if config.data is None:
         _, conversations = date_task_splits(BUILTIN.train_examples, BUILTIN.held_out_examples, config.seed)
     else:
-        conversations = load_examples(config.data)
-    examples, stats = build_dataset(tokenizer, conversations, config.max_length, overflow=config.overflow)
-    metrics = {**evaluate_loss(model, examples, tokenizer.pad_token_id),
-               **exact_match_accuracy(model, tokenizer, conversations[: config.eval_examples], config.max_new_tokens),
-               "examples": stats.kept}
+        loaded = read_examples(config.data)
+        for ignored in loaded.ignored:
+            note(f"warning: {ignored}")
+        conversations = loaded.conversations
+    model, tokenizer, _ = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
+                                                  allow_pickle=config.allow_pickle,
+                                                  trust_remote_code=config.trust_remote_code, echo=note)
+    held = held_out_set(tokenizer, conversations, config.max_length, source=config.data or "the built-in task")
+    if held.left_out:
+        note(f"warning: {held.describe_left_out(config.max_length)}")
+    metrics = {**evaluate_loss(model, held.examples, tokenizer.pad_token_id),
+               **(exact_match_accuracy(model, tokenizer, held.conversations[: config.eval_examples],
+                                       config.max_new_tokens) if config.eval_examples else {}),
+               "examples": held.stats.kept, "left_out": held.left_out}
     if config.json:
         echo(json.dumps(metrics))
     else:
         echo(f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f}"
              + (f", exact match {metrics['exact_match']:.1%}" if "exact_match" in metrics else "")
-             + f" ({stats.kept} examples)")
+             + f" ({held.stats.kept} examples" + (f", {held.left_out} left out" if held.left_out else "") + ")")
     return metrics

@@ -1,16 +1,18 @@
-"""`lorafit generate`: answer one prompt with a model (and adapter), streaming tokens as they come."""
+"""`lorafit generate`: answer one prompt with a model (and adapter), streaming tokens as they come.
+
+The reply is the only thing on stdout (settings and notes go to stderr), so it can be piped.
+"""
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import tyro
-from transformers import TextStreamer
 
-from lorafit.commands.common import load_model_with_adapter
-from lorafit.data import encode_prompt
+from lorafit.commands.common import print_settings
 from lorafit.errors import LorafitError
 
 
@@ -21,9 +23,10 @@ class GenerateConfig:
     prompt: tyro.conf.Positional[str]
     """The user message."""
     model: Optional[str] = None
-    """Model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
+    """Model folder or .gguf file ('default': the embedded SmolLM2-135M-Instruct). With --adapter: the base the
+    adapter records, and a different one is refused."""
     adapter: Optional[str] = None
-    """Adapter folder (lorafit or peft) to apply on top."""
+    """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
     system: Optional[str] = None
     """A system message (default: the template's own)."""
     max_new_tokens: int = 128
@@ -42,12 +45,31 @@ class GenerateConfig:
     """Run model code shipped with the model folder."""
 
 
-def run(config: GenerateConfig, echo=print) -> str:
-    if config.max_new_tokens < 1 or config.temperature < 0 or not 0 < config.top_p <= 1:
-        raise LorafitError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
-    model, tokenizer = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
-                                               allow_pickle=config.allow_pickle,
-                                               trust_remote_code=config.trust_remote_code)
+def run(config: GenerateConfig, echo=print, given=None) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    from lorafit.commands.common import load_model_with_adapter
+    from lorafit.data import encode_prompt
+
+    if config.max_new_tokens < 1:
+        raise LorafitError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+    if not (math.isfinite(config.temperature) and config.temperature >= 0):
+        raise LorafitError(f"--temperature must be a finite number >= 0 (0: greedy), got {config.temperature}")
+    if not 0 < config.top_p <= 1:  # also false for NaN
+        raise LorafitError(f"--top-p must be in (0, 1], got {config.top_p}")
+    if given is None:
+        default = GenerateConfig(prompt=config.prompt)
+        given = {name for name in ("top_p", "seed") if getattr(config, name) != getattr(default, name)}
+    for name in ("top_p", "seed"):
+        if name in given and config.temperature == 0:
+            raise LorafitError(f"--{name.replace('_', '-')} applies when sampling; greedy decoding (--temperature 0) "
+                               "does not use it: give --temperature > 0 too")
+    print_settings(config, to_stderr=True)
+    model, tokenizer, _ = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
+                                                  allow_pickle=config.allow_pickle,
+                                                  trust_remote_code=config.trust_remote_code,
+                                                  echo=lambda line: print(line, file=sys.stderr))
     messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
         {"role": "user", "content": config.prompt}]
     input_ids = torch.tensor([encode_prompt(tokenizer, messages)], device=model.device)

@@ -1,7 +1,7 @@
 """`lorafit inspect`: a model's adaptable modules, which ones the targets select, and the counts.
 
-Works from a config.json alone: the model is built on the meta device (shapes, no memory), so a
-70B configuration is inspected as fast as a small one.
+Works from a config.json alone (--model-config): the model is built on the meta device (shapes, no
+memory), so a 70B configuration is inspected as fast as a small one.
 """
 
 from __future__ import annotations
@@ -10,13 +10,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
-from lorafit.accounting import report
-from lorafit.adapters import attach
-from lorafit.commands.train import _targets
+from lorafit.commands.common import print_settings
+from lorafit.commands.train import parse_targets
 from lorafit.config import LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.models import build_on_meta, load_config, resolve_model_folder
-from lorafit.targeting import adaptable_types, select_modules
 
 
 @dataclass
@@ -25,8 +22,8 @@ class InspectConfig:
 
     model: Optional[str] = None
     """Model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
-    config: Optional[str] = None
-    """A config.json instead of a model (nothing is loaded but the shapes)."""
+    model_config: Optional[str] = None
+    """A model's config.json instead of a model (nothing is loaded but the shapes)."""
     targets: Optional[str] = None
     """Comma-separated module names, 'all-linear' or a regex (default: the architecture's usual choice)."""
     r: int = 8
@@ -48,17 +45,25 @@ def _shape(module) -> str:
     return f"{weight.shape[1]}→{weight.shape[0]}"
 
 
-def run(config: InspectConfig, echo=print) -> str:
-    if config.model and config.config:
-        raise LorafitError("give --model or --config, not both")
-    source = config.config or resolve_model_folder(config.model)
+def run(config: InspectConfig, echo=print, given=None) -> str:
+    from lorafit.accounting import report
+    from lorafit.adapters import attach
+    from lorafit.models import build_on_meta, load_config, resolve_model_folder
+    from lorafit.targeting import adaptable_types, select_modules
+
+    if config.model and config.model_config:
+        raise LorafitError("give --model or --model-config, not both")
+    if config.r < 1:
+        raise LorafitError(f"--r must be >= 1, got {config.r}")
+    print_settings(config)
+    source = config.model_config or resolve_model_folder(None if config.model == "default" else config.model)
     model_config = load_config(source, trust_remote_code=config.trust_remote_code)
     model = build_on_meta(model_config, trust_remote_code=config.trust_remote_code)
     try:
         layers = [int(i) for i in config.layers.split(",")] if config.layers else None
     except ValueError:
         raise LorafitError(f"--layers must be comma-separated integers, got {config.layers!r}") from None
-    lora = LoraConfig(r=config.r, target_modules=_targets(config.targets), layers=layers)
+    lora = LoraConfig(r=config.r, target_modules=parse_targets(config.targets), layers=layers)
     selected = set(select_modules(model, lora))
     modules = [(path, m) for path, m in model.named_modules() if isinstance(m, adaptable_types())]
 

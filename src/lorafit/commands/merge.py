@@ -1,20 +1,23 @@
-"""`lorafit merge`: W <- W + s·B·A, saved as a plain transformers folder (no adapter, no lorafit needed)."""
+"""`lorafit merge`: W <- W + s·B·A, saved as a plain transformers folder (no adapter, no lorafit needed).
+
+The output folder gets `lorafit-merge.json` beside the model files: where the merge came from and
+which files lorafit wrote. `--overwrite` replaces only such a folder holding only those files; the
+base model's folder, the adapter's, and any folder holding them are refused outright.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-from torch import nn
-
-from lorafit.adapters import merge_and_unload
-from lorafit.commands.common import load_model_with_adapter
+from lorafit.commands.common import print_settings
 from lorafit.errors import LorafitError
-from lorafit.files import explain_write_errors
+
+MARKER = "lorafit-merge.json"
 
 
 @dataclass
@@ -22,13 +25,14 @@ class MergeConfig:
     """Merge an adapter into its base model and save the result for AutoModelForCausalLM.from_pretrained."""
 
     adapter: str
-    """Adapter folder (lorafit or peft)."""
+    """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
     output: str
     """Folder for the merged model."""
     model: Optional[str] = None
-    """Base model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
+    """Base model folder or .gguf file ('default': the embedded SmolLM2-135M-Instruct). By default the base the
+    adapter records; a different one is refused."""
     overwrite: bool = False
-    """Replace an existing output folder."""
+    """Replace an earlier `lorafit merge` output (only a folder it wrote, holding only its files)."""
     dtype: Optional[str] = None
     """dtype to load and save in (default float32)."""
     allow_pickle: bool = False
@@ -37,14 +41,58 @@ class MergeConfig:
     """Run model code shipped with the model folder."""
 
 
-def run(config: MergeConfig, echo=print) -> Path:
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output(output: Path, overwrite: bool, protected: dict[str, Path]) -> None:
+    """Refuse an output that is or holds an input, or that lorafit did not write; changes nothing."""
+    from lorafit.train.run_folder import check_writable
+
+    for what, path in protected.items():
+        if path is not None and _inside(path, output):
+            raise LorafitError(f"--output {output} is or holds {what} ({path}); merging there would replace it: "
+                               "choose another --output")
+    check_writable(output)
+    if not output.exists():
+        return
+    if not overwrite:
+        raise LorafitError(f"output folder {output} exists; pass --overwrite to replace an earlier merge there")
+    if not output.is_dir():
+        raise LorafitError(f"--output {output} is a file; give a folder")
+    try:
+        written = set(json.loads((output / MARKER).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LorafitError(f"--overwrite: {output} was not written by `lorafit merge` (no readable {MARKER}); lorafit "
+                           "only replaces folders it wrote: choose another --output") from None
+    foreign = sorted(p.name for p in output.iterdir() if p.name not in written | {MARKER})
+    if foreign:
+        raise LorafitError(f"--overwrite: {output} holds files lorafit did not write ({', '.join(foreign[:5])}); move "
+                           "them out or choose another --output")
+
+
+def run(config: MergeConfig, echo=print, given=None) -> Path:
+    from lorafit.adapters import merge_and_unload
+    from lorafit.commands.common import check_base_model, choose_base_model, resolve_adapter_folder
+    from lorafit.files import apply_default_permissions, explain_write_errors
+    from lorafit.io import load_adapter
+    from lorafit.models import load_model_and_tokenizer, resolve_model_folder
+
+    print_settings(config)
     output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise LorafitError(f"output folder {output} exists; pass --overwrite to replace it")
-    model, tokenizer = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
-                                               allow_pickle=config.allow_pickle,
-                                               trust_remote_code=config.trust_remote_code)
-    merged = merge_and_unload(model)
+    adapter_dir = resolve_adapter_folder(config.adapter)
+    spec, record = choose_base_model(config.model, adapter_dir, echo)
+    protected = {"the base model's folder": resolve_model_folder(spec), "the adapter folder": adapter_dir}
+    if spec is not None:
+        protected["the base model"] = Path(spec)
+    check_output(output, config.overwrite, protected)
+
+    model, tokenizer = load_model_and_tokenizer(spec, dtype=config.dtype, allow_pickle=config.allow_pickle,
+                                                trust_remote_code=config.trust_remote_code)
+    check_base_model(record, model, adapter_dir, config.model)
+    load_adapter(model, adapter_dir, allow_pickle=config.allow_pickle)
+    merged = merge_and_unload(model.eval())
     _declare_added_biases(merged)
     _check_config_describes(merged)
     # Write beside the target and rename: a crash never leaves a half-written model folder.
@@ -54,7 +102,15 @@ def run(config: MergeConfig, echo=print) -> Path:
         with explain_write_errors(output):
             merged.save_pretrained(temporary)
             tokenizer.save_pretrained(temporary)
+            files = sorted(p.name for p in temporary.iterdir())
+            (temporary / MARKER).write_text(json.dumps({
+                "lorafit_merge": 1, "adapter": str(adapter_dir.resolve()),
+                "base_model": record["model"] if record else str(spec or "default"),
+                "dtype": str(merged.dtype).removeprefix("torch."), "files": files,
+            }, indent=2) + "\n", encoding="utf-8")
+            apply_default_permissions(temporary)
             if output.exists():
+                check_output(output, True, {})  # again: files may have appeared while the model loaded
                 shutil.rmtree(output)
             os.replace(temporary, output)
     finally:
@@ -73,6 +129,9 @@ def _declare_added_biases(model) -> None:
     Where the config has a flag for the family (Llama's attention_bias, mlp_bias), switch it on and
     give the family's other Linear layers zero biases, so the saved folder loads as that architecture.
     """
+    import torch
+    from torch import nn
+
     for family, flag in _BIAS_FLAGS:
         if getattr(model.config, flag, True):
             continue
@@ -87,6 +146,7 @@ def _declare_added_biases(model) -> None:
 
 def _check_config_describes(model) -> None:
     """Refuse to save a folder whose config.json would rebuild a model without some merged weights."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -2,32 +2,32 @@
 
 With no arguments: the embedded SmolLM2-135M-Instruct on the built-in date task (rewrite a date in
 ISO 8601), held-out exact match and loss printed before and after training.
+
+The order of `run` is the promise to the user's files: every setting is checked, the data and the
+model are loaded and the adapter attached (which checks targets and rank) before the run folder is
+touched, so a failed start leaves an earlier run exactly as it was (train/run_folder.py says what
+--overwrite may replace). `--resume RUN` takes the run's own settings from RUN/config.yaml and
+refuses flags that would change them.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-import shutil
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
+import yaml
 
-from lorafit.accounting import report
-from lorafit.adapters import attach
+from lorafit import __version__
 from lorafit.config import ALL_LINEAR, BitFitConfig, IA3Config, LoraConfig
-from lorafit.data import build_dataset, load_examples, render_example, split_examples
 from lorafit.errors import LorafitError
-from lorafit.evaluate import evaluate_loss, exact_match_accuracy
-from lorafit.io import save_adapter
-from lorafit.models import load_model_and_tokenizer
-from lorafit.tasks import date_task_splits
-from lorafit.train.checkpoint import list_checkpoints
-from lorafit.train.loop import COMPILE_BACKEND, LoopSettings, check_compile, train
-from lorafit.train.plot import plot_losses
+from lorafit.files import atomic_path
+from lorafit.train import run_folder
+from lorafit.train.run_folder import CONFIG
 
 
 @dataclass
@@ -49,27 +49,29 @@ class TrainConfig:
     """Fine-tune a causal language model with LoRA on instruction data."""
 
     model: Optional[str] = None
-    """Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
+    """Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct, also named 'default')."""
     data: Optional[str] = None
     """JSONL/JSON instruction data: alpaca, chat messages, ShareGPT, prompt/completion or text records
     (default: the built-in date-rewriting task)."""
     eval_data: Optional[str] = None
     """Held-out data file (default: a split of --data)."""
     held_out: float = 0.05
-    """Fraction of --data held out for evaluation when --eval-data is not given."""
+    """Part of --data held out for evaluation when --eval-data is not given: a fraction in [0, 1) or a count
+    (the built-in task holds out its own 100 examples)."""
     method: str = "lora"
     """Adapter method: lora, dora, ia3 or bitfit."""
     r: int = 8
-    """LoRA rank."""
+    """LoRA/DoRA rank."""
     alpha: float = 16.0
-    """LoRA alpha (scaling alpha / r)."""
+    """LoRA/DoRA alpha (scaling alpha / r)."""
     dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    """LoRA/DoRA dropout on the adapter input (the library's LoraConfig defaults to 0, which copies nothing; for
+    training runs the CLI uses the 0.05 that peft's examples and the QLoRA paper use for small models)."""
     targets: Optional[str] = None
     """Comma-separated module names, 'all-linear', or a regex (default: the architecture's usual choice,
     q_proj,v_proj for Llama)."""
     use_rslora: bool = False
-    """Scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r."""
+    """LoRA/DoRA: scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r."""
     init: Literal["default", "gaussian", "pissa"] = "default"
     """LoRA/DoRA initialisation; pissa starts from the weights' top singular vectors."""
     lora_plus_ratio: float = 1.0
@@ -82,7 +84,8 @@ class TrainConfig:
     """BitFit: also train the output head's weight (hidden × vocab parameters; its merge is refused when the head
     shares its weight with the input embeddings)."""
     steps: Optional[int] = None
-    """Optimizer steps (default: one epoch; the built-in task uses its preset)."""
+    """Optimizer steps (default: one epoch; the built-in task uses its preset). With --resume: more steps than the
+    run had continues it further (the cosine schedule then spans the new total)."""
     epochs: Optional[float] = None
     """Epochs over the training data (instead of --steps)."""
     batch_size: int = 8
@@ -98,9 +101,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     max_length: int = 512
-    """Longest example in tokens."""
+    """Longest example in tokens (held-out examples longer than this are left out of loss and exact match)."""
     overflow: Literal["truncate", "skip"] = "truncate"
-    """What to do with longer examples."""
+    """What to do with longer training examples."""
     train_on_prompt: bool = False
     """Also train on prompt tokens (default: loss on responses only)."""
     gradient_checkpointing: bool = False
@@ -114,23 +117,25 @@ class TrainConfig:
     eval_every: int = 0
     """Held-out loss every N steps (0: only before and after)."""
     eval_examples: int = 100
-    """Held-out examples used for exact match (greedy generation)."""
+    """Held-out examples used for exact match (greedy generation); 0 skips exact match."""
     max_new_tokens: int = 32
     """Generation length for exact match."""
     save_every: int = 50
-    """Checkpoint every N steps (and at the end)."""
+    """Checkpoint every N steps, and at the end (0: only at the end)."""
     keep_checkpoints: int = 2
-    """Checkpoints kept on disk."""
+    """Checkpoints kept on disk, newest first (at least 1: resuming needs one)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    """On a NaN/Inf loss or gradient: stop (keeping the last checkpoint) or skip the step."""
+    """On a NaN/Inf loss or gradient: stop (keeping the last checkpoint) or skip the step. Weights that become
+    NaN/Inf always stop the run and are never saved."""
     seed: int = 0
     """Random seed (data order, dropout, initialisation)."""
     output: Optional[str] = None
     """Run folder (default: runs/lorafit-<date>-<time>)."""
     resume: Optional[str] = None
-    """Continue from a checkpoint folder or a run folder (its latest checkpoint)."""
+    """Continue a run: its folder (the newest readable checkpoint) or one checkpoint folder. The run's settings
+    come from its config.yaml; flags that would change them are refused."""
     overwrite: bool = False
-    """Replace an existing output folder."""
+    """Replace an earlier run in --output (only a folder lorafit made, holding only what it wrote)."""
     dtype: Optional[str] = None
     """Base model dtype: float32, bfloat16, float16 (default float32)."""
     allow_pickle: bool = False
@@ -140,39 +145,89 @@ class TrainConfig:
 
 
 METHODS = ("lora", "dora", "ia3", "bitfit")
+DEFAULT_LR = 2e-4
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+# Settings that only some methods use: naming one with another method is refused, not ignored.
+METHOD_SETTINGS = {
+    "r": ("lora", "dora"), "alpha": ("lora", "dora"), "dropout": ("lora", "dora"), "use_rslora": ("lora", "dora"),
+    "init": ("lora", "dora"), "lora_plus_ratio": ("lora", "dora"), "feedforward_targets": ("ia3",),
+    "add_missing_bias": ("bitfit",), "train_head": ("bitfit",),
+}
+# What --resume takes from the command line; every other setting comes from the run's config.yaml.
+RESUME_MAY_CHANGE = ("steps", "epochs", "eval_every", "eval_examples", "max_new_tokens", "save_every",
+                     "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "compile", "row_tokens")
+# Permissions are never taken from a file: a resumed run that needed them must be given them again.
+PERMISSIONS = ("allow_pickle", "trust_remote_code")
+PATH_SETTINGS = ("model", "data", "eval_data")
 
 
-def _check(config: TrainConfig) -> None:
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _finite(value: float) -> bool:
+    """Finite in float32 too: torch turns these settings into float32 tensors (1e39 overflows there)."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def given_settings(config: TrainConfig) -> set[str]:
+    """For library callers: the settings that differ from their defaults (the CLI passes what was typed)."""
+    default = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(config, f.name) != getattr(default, f.name)}
+
+
+def check_settings(config: TrainConfig, given: set[str]) -> None:
+    """Refuse every setting that is out of range or does not apply, before anything is loaded."""
     if config.method not in METHODS:
         close = difflib.get_close_matches(config.method, METHODS, n=1)
         raise LorafitError(f"--method {config.method!r} is unknown" + (f" (did you mean {close[0]}?)" if close else "")
                            + f"; methods: {', '.join(METHODS)}")
-    positive = {"r": config.r, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
-                "max_length": config.max_length, "eval_examples": config.eval_examples,
-                "max_new_tokens": config.max_new_tokens, "row_tokens": config.row_tokens}
-    for name, value in positive.items():
-        if value < 1:
-            raise LorafitError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if config.method != "bitfit" and (config.add_missing_bias or config.train_head):
-        flag = "--add-missing-bias" if config.add_missing_bias else "--train-head"
-        raise LorafitError(f"{flag} is a BitFit setting; it needs --method bitfit (got --method {config.method})")
-    if config.lora_plus_ratio <= 0:
-        raise LorafitError(f"--lora-plus-ratio must be > 0, got {config.lora_plus_ratio}")
-    for name in ("steps", "epochs", "lr"):
-        value = getattr(config, name)
-        if value is not None and not value > 0:
-            raise LorafitError(f"--{name} must be > 0, got {value}")
-    if config.steps is not None and config.epochs is not None:
-        raise LorafitError("give --steps or --epochs, not both")
-    for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+    for name, methods in METHOD_SETTINGS.items():
+        if name in given and config.method not in methods:
+            raise LorafitError(f"{flag(name)} is a {'/'.join(m.upper() for m in methods)} setting; --method "
+                               f"{config.method} does not use it")
+    for name in ("r", "batch_size", "grad_accum", "max_new_tokens", "row_tokens", "keep_checkpoints"):
+        if getattr(config, name) < 1:
+            raise LorafitError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
+    if config.max_length < 2:
+        raise LorafitError(f"--max-length must be >= 2, got {config.max_length}")
+    for name in ("eval_examples", "warmup_steps", "eval_every", "save_every"):
         value = getattr(config, name)
         if value is not None and value < 0:
-            raise LorafitError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if config.max_grad_norm <= 0 or config.weight_decay < 0:
-        raise LorafitError("--max-grad-norm must be > 0 and --weight-decay >= 0")
+            raise LorafitError(f"{flag(name)} must be >= 0, got {value}")
+    for name in ("lr", "epochs", "alpha", "max_grad_norm", "lora_plus_ratio"):
+        value = getattr(config, name)
+        if value is not None and not (_finite(value) and value > 0):
+            raise LorafitError(f"{flag(name)} must be a finite number > 0, got {value}")
+    if not (_finite(config.weight_decay) and config.weight_decay >= 0):
+        raise LorafitError(f"--weight-decay must be a finite number >= 0, got {config.weight_decay}")
+    if not 0 <= config.dropout < 1:  # also false for NaN
+        raise LorafitError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if not (math.isfinite(config.held_out) and config.held_out >= 0
+            and (config.held_out < 1 or float(config.held_out).is_integer())):
+        raise LorafitError(f"--held-out must be a fraction in [0, 1) or a whole count, got {config.held_out}")
+    if config.steps is not None and config.steps < 1:
+        raise LorafitError(f"--steps must be > 0, got {config.steps}")
+    if config.steps is not None and config.epochs is not None:
+        raise LorafitError("give --steps or --epochs, not both")
+    if config.dtype is not None and config.dtype.removeprefix("torch.") not in DTYPES:
+        raise LorafitError(f"--dtype {config.dtype!r} is unknown; use float32, bfloat16 or float16")
+    if config.data is None:
+        if config.eval_data:
+            raise LorafitError("--eval-data needs --data (the built-in task makes its own held-out split)")
+        if "held_out" in given:
+            raise LorafitError(f"--held-out applies to --data; the built-in task holds out its own "
+                               f"{BUILTIN.held_out_examples} examples")
+    if config.resume and config.overwrite:
+        raise LorafitError("--overwrite replaces a run and --resume continues one: give one of them")
 
 
-def _targets(text: Optional[str]):
+def parse_targets(text: Optional[str]):
+    """--targets as the library takes it: None, 'all-linear', a regex, or a list of names."""
     if text is None or text == ALL_LINEAR:
         return text
     if any(ch in text for ch in "*()[]|\\^$+?"):
@@ -182,9 +237,9 @@ def _targets(text: Optional[str]):
 
 def adapter_config(config: TrainConfig):
     """The library config that --method and its flags describe."""
-    targets = _targets(config.targets)
+    targets = parse_targets(config.targets)
     if config.method == "ia3":
-        return IA3Config(target_modules=targets, feedforward_modules=_targets(config.feedforward_targets))
+        return IA3Config(target_modules=targets, feedforward_modules=parse_targets(config.feedforward_targets))
     if config.method == "bitfit":
         return BitFitConfig(target_modules=targets, add_missing_bias=config.add_missing_bias,
                             train_head=config.train_head)
@@ -192,76 +247,186 @@ def adapter_config(config: TrainConfig):
                       use_rslora=config.use_rslora, init=config.init, use_dora=config.method == "dora")
 
 
-def _run_folder(config: TrainConfig) -> tuple[Path, Optional[Path]]:
-    """The run folder and the checkpoint to resume from (refusing to clobber an existing run)."""
-    if config.resume:
-        resume = Path(config.resume)
-        if not resume.exists():
-            raise LorafitError(f"--resume {resume}: no such folder")
-        if (resume / "trainer_state.json").is_file():
-            checkpoint = resume
-            run = resume.parent.parent
-        else:
-            found = list_checkpoints(resume / "checkpoints")
-            if not found:
-                raise LorafitError(f"--resume {resume}: no checkpoint in {resume / 'checkpoints'}")
-            checkpoint, run = found[-1], resume
-        return Path(config.output) if config.output else run, checkpoint
-    run = Path(config.output) if config.output else Path("runs") / time.strftime("lorafit-%Y%m%d-%H%M%S")
-    if run.exists() and any(run.iterdir()) and not config.overwrite:
-        raise LorafitError(f"output folder {run} exists and is not empty; pass --overwrite, or --resume {run}")
-    return run, None
+# -- resume ------------------------------------------------------------------------------------------------
+def _absolute(value: Optional[str]) -> Optional[str]:
+    if value is None or value == "default":
+        return None
+    return str(Path(value).expanduser().resolve())
 
 
-def run(config: TrainConfig, echo=print) -> dict:
+def _locate_resume(resume: str) -> tuple[Path, Optional[Path]]:
+    """(run folder, the checkpoint named, or None for the run's newest)."""
+    path = Path(resume)
+    if not path.exists():
+        raise LorafitError(f"--resume {path}: no such folder")
+    checkpoint = None
+    if (path / "trainer_state.json").is_file():  # a checkpoint folder (train/checkpoint.py)
+        checkpoint, path = path, path.parent.parent
+    if not (path / CONFIG).is_file():
+        raise LorafitError(f"--resume {resume}: not a lorafit run folder (no {path / CONFIG})")
+    return path, checkpoint
+
+
+def _read_run_settings(run: Path) -> dict:
+    path = run / CONFIG
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise LorafitError(f"{path} is damaged ({str(err).splitlines()[0]}); the run's settings cannot be read") from None
+    known = {f.name for f in fields(TrainConfig)}
+    if not isinstance(saved, dict) or not set(saved) <= known:
+        odd = sorted(set(saved) - known) if isinstance(saved, dict) else [type(saved).__name__]
+        raise LorafitError(f"{path} is not a lorafit run's settings (unexpected: {', '.join(map(str, odd))})")
+    return saved
+
+
+def restore_run_settings(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Optional[Path], dict]:
+    """The settings the resumed run continues with: its config.yaml, plus only what may change.
+
+    Returns (settings, run folder, checkpoint named or None, the saved settings).
+    """
+    run, checkpoint = _locate_resume(config.resume)
+    saved = _read_run_settings(run)
+    conflicts = []
+    for name in sorted(given - set(RESUME_MAY_CHANGE) - set(PERMISSIONS) - {"resume", "output", "overwrite"}):
+        now, then = getattr(config, name), saved.get(name)
+        if name in PATH_SETTINGS:
+            now, then = _absolute(now), _absolute(then)
+        if now != then:
+            conflicts.append(f"{flag(name)} {now} now, {then} in the run")
+    if conflicts:
+        raise LorafitError(f"--resume {run} continues with the run's own settings ({run / 'config.yaml'}); these "
+                           f"differ: {'; '.join(conflicts)}. Drop them, or start a new run with --output")
+    if config.output and Path(config.output).resolve() != run.resolve():
+        raise LorafitError(f"--resume continues in the run's own folder {run}; --output {config.output} does not apply")
+    for name in PERMISSIONS:
+        if saved.get(name) and not getattr(config, name):
+            raise LorafitError(f"the run was started with {flag(name)}; pass it again to resume (permissions are "
+                               "not taken from files)")
+    restored = {**saved, "resume": config.resume, "output": str(run)}
+    for name in RESUME_MAY_CHANGE + PERMISSIONS:
+        if name in given:
+            restored[name] = getattr(config, name)
+    if "steps" in given or "epochs" in given:  # a new length replaces the resolved one
+        restored["steps"], restored["epochs"] = config.steps, config.epochs
+    else:
+        restored["epochs"] = None  # config.yaml holds the resolved step count
+    return TrainConfig(**restored), run, checkpoint, saved
+
+
+def _check_same_inputs(record: Optional[dict], config: TrainConfig, run: Path) -> None:
+    """On resume, the data files must be the ones the run started from (their SHA-256 in the marker)."""
+    from lorafit.identity import file_sha256
+
+    if record is None:
+        return
+    for name in ("data", "eval_data"):
+        entry = record.get(name)
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            continue
+        path = getattr(config, name)
+        if path is None or not Path(path).is_file():
+            raise LorafitError(f"{flag(name)} {path}: the file the run was trained on is gone; resume needs it")
+        if file_sha256(Path(path)) != entry["sha256"]:
+            raise LorafitError(f"{flag(name)} {path} has changed since the run started (its SHA-256 differs from the "
+                               f"one in {run / 'lorafit-run.json'}); resume needs the same data, or start a new run")
+
+
+# -- the job -----------------------------------------------------------------------------------------------
+def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> dict:
     """The whole job; returns the metrics it printed (also written to <run>/metrics.json)."""
-    _check(config)
-    builtin = config.data is None
-    if builtin and config.eval_data:
-        raise LorafitError("--eval-data needs --data (the built-in task makes its own held-out split)")
-    run_dir, checkpoint = _run_folder(config)
+    # torch and transformers load here, not at import, so `lorafit train --help` answers at once.
+    import torch
 
+    from lorafit.accounting import report
+    from lorafit.adapters import attach
+    from lorafit.data import build_dataset, read_examples, render_example, split_examples
+    from lorafit.evaluate import evaluate_loss, exact_match_accuracy
+    from lorafit.identity import base_identity, file_sha256, mismatch
+    from lorafit.io import save_adapter
+    from lorafit.models import load_model_and_tokenizer
+    from lorafit.tasks import date_task_splits
+    from lorafit.train.checkpoint import newest_readable, read_checkpoint
+    from lorafit.train.loop import COMPILE_BACKEND, LoopSettings, check_compile, train
+    from lorafit.train.plot import plot_losses
+
+    given = given_settings(config) if given is None else set(given)
+    check_settings(config, given)
+    resume, record, saved_before, finished = None, None, None, False
+    if config.resume:
+        config, run_dir, named_checkpoint, _ = restore_run_settings(config, given)
+        check_settings(config, set())
+        resume = read_checkpoint(named_checkpoint) if named_checkpoint else newest_readable(
+            run_dir / run_folder.CHECKPOINTS, echo)
+        if resume is None:
+            raise LorafitError(f"--resume {run_dir}: no readable checkpoint in {run_dir / run_folder.CHECKPOINTS}")
+        record = run_folder.read_marker(run_dir)
+        run_folder.check_writable(run_dir)
+        saved_before, finished = _read_run_metrics(run_dir / run_folder.METRICS)
+        if config.steps is not None:
+            _check_resume_length(run_dir, config.steps, resume.position.step, finished)
+    else:
+        run_dir = Path(config.output) if config.output else Path("runs") / time.strftime("lorafit-%Y%m%d-%H%M%S")
+        inputs = {"--data": config.data, "--eval-data": config.eval_data, "--model": _absolute(config.model)}
+        run_folder.check_output(run_dir, overwrite=config.overwrite, inputs=inputs)
+    builtin = config.data is None
+    echo("settings:\n" + _yaml({k: v for k, v in asdict(config).items()}).rstrip())
+
+    # The data is read before the model so a bad file fails in a second, not after a model load.
     if builtin:
         train_chats, held_chats = date_task_splits(BUILTIN.train_examples, BUILTIN.held_out_examples, config.seed)
         echo(f"data: built-in date task, {len(train_chats)} train / {len(held_chats)} held-out examples")
     else:
-        chats = load_examples(config.data)
+        loaded = read_examples(config.data)
+        for note in loaded.ignored:
+            echo(f"warning: {note}")
         if config.eval_data:
-            train_chats, held_chats = chats, load_examples(config.eval_data)
+            held = read_examples(config.eval_data)
+            for note in held.ignored:
+                echo(f"warning: {note}")
+            train_chats, held_chats = loaded.conversations, held.conversations
         else:
-            train_chats, held_chats = split_examples(chats, config.held_out, config.seed)
+            held_out = int(config.held_out) if config.held_out >= 1 else config.held_out
+            train_chats, held_chats = split_examples(loaded.conversations, held_out, config.seed)
         echo(f"data: {config.data}, {len(train_chats)} train / {len(held_chats)} held-out examples")
-    # The data is read before the model so a bad file fails in a second, not after a model load.
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype,
+    if resume is not None:
+        _check_same_inputs(record, config, run_dir)
+
+    model, tokenizer = load_model_and_tokenizer(_absolute(config.model), dtype=config.dtype,
                                                 allow_pickle=config.allow_pickle,
                                                 trust_remote_code=config.trust_remote_code)
     echo(f"model: {model.name_or_path} ({type(model).__name__}, {model.dtype}, {model.device})")
+    identity = base_identity(model, config.model)
+    if record is not None and isinstance(record.get("base_model"), dict):
+        differs = mismatch(record["base_model"].get("fingerprint") or {}, model)
+        if differs:
+            raise LorafitError(f"--resume {run_dir}: the run was trained on {record['base_model'].get('model')}, and "
+                               f"the model loaded now is not that one ({differs})")
     if config.compile:
         check_compile(model, COMPILE_BACKEND, model.device)
-    train_set, stats = build_dataset(tokenizer, train_chats, config.max_length, config.train_on_prompt, config.overflow)
-    held_set, _ = build_dataset(tokenizer, held_chats, config.max_length, config.train_on_prompt, config.overflow) \
-        if held_chats else ([], None)
+    train_set, stats = build_dataset(tokenizer, train_chats, config.max_length, config.train_on_prompt,
+                                     config.overflow, source=config.data or "the built-in task")
     echo(stats.summary())
     for warning in stats.warnings():
         echo(f"warning: {warning}")
+    held_set, eval_conversations = _held_out_set(tokenizer, held_chats, config, echo)
     echo("one training example as the model sees it:\n" + render_example(tokenizer, train_set[0]))
 
     steps = config.steps or (BUILTIN.steps if builtin and not config.epochs else None)
     if steps is None:
         per_epoch = -(-len(train_set) // (config.batch_size * config.grad_accum))
         steps = max(1, round(per_epoch * (config.epochs or 1.0)))
-    lr = config.lr or (BUILTIN.lr if builtin else 2e-4)
+    if resume is not None and config.steps is None:
+        _check_resume_length(run_dir, steps, resume.position.step, finished)
+    lr = config.lr or (BUILTIN.lr if builtin else DEFAULT_LR)
     warmup = config.warmup_steps if config.warmup_steps is not None else (
         BUILTIN.warmup_steps if builtin else round(0.05 * steps))
-    # Only now, with the data and model loaded, is an old run replaced: a failed start loses nothing.
-    if checkpoint is None and config.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {**asdict(config), "steps": steps, "lr": lr, "warmup_steps": warmup, "output": str(run_dir)}
-    echo("resolved config:\n" + _yaml(resolved))
-    (run_dir / "config.yaml").write_text(_yaml(resolved), encoding="utf-8")
+    echo(f"schedule: {steps} steps of {config.batch_size} × {config.grad_accum} examples, peak lr {lr:g}, "
+         f"{warmup} warm-up steps, then cosine decay")
 
-    eval_conversations = held_chats[: config.eval_examples]
+    torch.manual_seed(config.seed)  # adapter initialisation
+    attach(model, adapter_config(config))  # checks targets and rank against the model: before any file is touched
+    echo(report(model))
     pad_id = tokenizer.pad_token_id
 
     def held_out_metrics(with_generation: bool) -> dict:
@@ -270,13 +435,34 @@ def run(config: TrainConfig, echo=print) -> dict:
             metrics.update(exact_match_accuracy(model, tokenizer, eval_conversations, config.max_new_tokens))
         return metrics
 
-    before = held_out_metrics(with_generation=True) if checkpoint is None else None
+    # The adapter starts as the identity (B = 0, IA3 ones, BitFit zeros, PiSSA's residual + its part), so
+    # this is the base model's score.
+    before = held_out_metrics(with_generation=True) if resume is None else saved_before
     if before:
         echo("held-out before training: " + _format(before))
 
-    torch.manual_seed(config.seed)  # adapter initialisation
-    attach(model, adapter_config(config))
-    echo(report(model))
+    # Only now, with everything checked and loaded, is the run folder written.
+    resolved = {**asdict(config), "steps": steps, "lr": lr, "warmup_steps": warmup, "output": str(run_dir),
+                **{name: _absolute(getattr(config, name)) for name in PATH_SETTINGS}}
+    resolved["resume"] = None
+    if resume is None:
+        if config.overwrite and run_dir.exists():
+            run_folder.clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.write_marker(run_dir, {
+            "lorafit_version": __version__,
+            "base_model": identity,
+            "data": {"path": resolved["data"], "sha256": file_sha256(Path(config.data))} if config.data else
+            {"builtin": "date task", "seed": config.seed},
+            "eval_data": {"path": resolved["eval_data"], "sha256": file_sha256(Path(config.eval_data))}
+            if config.eval_data else None,
+        })
+        _write_text(run_dir / run_folder.CONFIG, _yaml(resolved))
+        _write_json(run_dir / run_folder.METRICS, {"before": before, "after": None})
+    else:
+        if resolved != {**_read_run_settings(run_dir), "resume": None}:
+            _write_text(run_dir / run_folder.CONFIG, _yaml(resolved))  # a longer run, or other save/eval settings
+        _write_json(run_dir / run_folder.METRICS, {"before": before, "after": None})  # in progress again
 
     settings = LoopSettings(
         steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=lr,
@@ -288,24 +474,73 @@ def run(config: TrainConfig, echo=print) -> dict:
     )
     result = train(model, train_set, settings, run_dir, pad_id=pad_id, vocab_size=len(tokenizer),
                    evaluate=(lambda: held_out_metrics(with_generation=False)) if held_set and config.eval_every else None,
-                   resume=checkpoint, echo=echo)
-    adapter_dir = save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model.name_or_path))
-    plot_losses(run_dir / "log.jsonl", run_dir / "loss.png")
+                   resume=resume.path if resume is not None else None, base_model=identity, echo=echo)
+    adapter_dir = save_adapter(model, run_dir / run_folder.ADAPTER, base_model_name_or_path=str(model.name_or_path),
+                               base_model=identity)
+    plot_losses(run_dir / run_folder.LOG, run_dir / run_folder.PLOT)
     if result.interrupted:
         return {"interrupted": True, "steps": result.steps_done, "adapter": str(adapter_dir)}
 
     after = held_out_metrics(with_generation=True)
     metrics = {"before": before, "after": after, "steps": result.steps_done, "train_seconds": result.seconds,
                "tokens_per_second": result.real_tokens / result.seconds if result.seconds else None,
-               "adapter": str(adapter_dir)}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+               "skipped_steps": result.skipped_steps, "held_out_examples": len(held_set),
+               "exact_match_examples": len(eval_conversations), "adapter": str(adapter_dir)}
+    _write_json(run_dir / run_folder.METRICS, metrics)
     echo("held-out after training:  " + _format(after))
     if before:
         echo(_comparison(before, after))
+    if result.skipped_steps:
+        echo(f"warning: {result.skipped_steps} steps were skipped (non-finite loss or gradient); see {run_dir / 'log.jsonl'}")
     echo(f"trained {result.steps_done} steps in {result.seconds:.0f} s "
-         f"({metrics['tokens_per_second']:.0f} tokens/s); adapter saved to {adapter_dir}")
+         f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); adapter saved to {adapter_dir}")
     echo(f"loss curve: {run_dir / 'loss.png'}; step log: {run_dir / 'log.jsonl'}")
     return metrics
+
+
+def _held_out_set(tokenizer, held_chats: list, config: TrainConfig, echo) -> tuple[list, list]:
+    """Held-out examples for both loss and exact match: the same ones, those that fit --max-length."""
+    from lorafit.evaluate import held_out_set
+
+    if not held_chats:
+        return [], []
+    source = config.eval_data or (f"the held-out part of {config.data}" if config.data else "the built-in task")
+    held = held_out_set(tokenizer, held_chats, config.max_length, config.train_on_prompt, source)
+    if held.left_out:
+        echo(f"warning: {held.describe_left_out(config.max_length)}")
+    return held.examples, held.conversations[: config.eval_examples]
+
+
+def _read_run_metrics(path: Path) -> tuple[Optional[dict], bool]:
+    """(the held-out metrics measured when the run started, whether it finished: its "after" is written)."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None, False
+    if not isinstance(metrics, dict):
+        return None, False
+    before = metrics.get("before")
+    return (before if isinstance(before, dict) else None), isinstance(metrics.get("after"), dict)
+
+
+def _check_resume_length(run_dir: Path, steps: int, at: int, finished: bool) -> None:
+    """A resumed run must have steps left, or be one that stopped between its last checkpoint and its end."""
+    if steps > at or (steps == at and not finished):
+        return
+    if steps == at:
+        raise LorafitError(f"--resume {run_dir}: the run is finished (step {at} of {steps}); pass --steps N with "
+                           f"N > {at} to train further")
+    raise LorafitError(f"--resume {run_dir}: the checkpoint is at step {at}, beyond {steps} steps; pass --steps N "
+                       f"with N > {at}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def _write_json(path: Path, value) -> None:
+    _write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def _format(metrics: dict) -> str:
@@ -325,8 +560,6 @@ def _comparison(before: dict, after: dict) -> str:
 
 
 def _yaml(values: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(values, sort_keys=False)
 
 

@@ -55,9 +55,14 @@ class AdapterWrapper(nn.Module):
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]
 
-    def delete(self, name: str) -> None:
+    def check_delete(self, name: str, module_path: str) -> None:
+        """Raise if adapter `name` cannot be deleted here now; changes nothing."""
         if name in self.merged_adapters:
-            raise LorafitError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+            raise LorafitError(f"adapter {name!r} is merged into the weights of {module_path}; "
+                               "unmerge it before deleting it")
+
+    def delete(self, name: str, module_path: str) -> None:
+        self.check_delete(name, module_path)
         for dict_name in self.adapter_parameter_dicts:
             parameters = getattr(self, dict_name)
             if name in parameters:
@@ -77,8 +82,8 @@ class AdapterWrapper(nn.Module):
                 for dict_name in self.adapter_parameter_dicts if name in getattr(self, dict_name)}
 
     # -- files: tensors under `<module path>.<suffix>` keys (peft's names where peft has the method) ----
-    def file_tensors(self, name: str, for_resume: bool = False) -> dict[str, torch.Tensor]:
-        """{key suffix: tensor} to save. `for_resume` keeps the raw training state (no conversion)."""
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """{key suffix: tensor} to save, in the file's form (checkpoints keep the raw parameters themselves)."""
         return {suffix: getattr(self, dict_name)[name].detach()
                 for suffix, dict_name in self.file_suffixes(name).items()}
 
@@ -86,11 +91,11 @@ class AdapterWrapper(nn.Module):
         """{key suffix in the file: parameter-dict name}."""
         raise NotImplementedError
 
-    def expected_file_shapes(self, name: str, for_resume: bool = False) -> dict[str, tuple]:
-        return {suffix: tuple(t.shape) for suffix, t in self.file_tensors(name, for_resume).items()}
+    def expected_file_shapes(self, name: str) -> dict[str, tuple]:
+        return {suffix: tuple(t.shape) for suffix, t in self.file_tensors(name).items()}
 
     @torch.no_grad()
-    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str, for_resume: bool = False) -> None:
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Copy tensors (already checked against expected_file_shapes) into the adapter."""
         for suffix, dict_name in self.file_suffixes(name).items():
             target = getattr(self, dict_name)[name]

@@ -164,14 +164,13 @@ class BitFitWrapper(AdapterWrapper):
             unmerged["weight"] = self.base_layer.weight.float() - self.bitfit_weight[name].detach().float()
         return unmerged
 
-    # Files hold the trained tensors (b + δ, W + Δ); checkpoints hold the offsets so that resume is bit-exact.
+    # Files hold the trained tensors (b + δ, W + Δ); checkpoints keep the offsets (the parameters) too, so
+    # that resume is bit-exact.
     def file_suffixes(self, name: str) -> dict[str, str]:
         return {dict_name: dict_name for dict_name in self.adapter_parameter_dicts if name in getattr(self, dict_name)}
 
-    def file_tensors(self, name: str, for_resume: bool = False) -> dict[str, torch.Tensor]:
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
         offsets = {dict_name: getattr(self, dict_name)[name].detach() for dict_name in self.file_suffixes(name)}
-        if for_resume:
-            return offsets
         tensors = {}
         if "bitfit_bias" in offsets:
             tensors["bias"] = (self._base_bias() + offsets["bitfit_bias"].float()).to(offsets["bitfit_bias"].dtype)
@@ -181,13 +180,12 @@ class BitFitWrapper(AdapterWrapper):
         return tensors
 
     @torch.no_grad()
-    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str, for_resume: bool = False) -> None:
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         if name in self.bitfit_bias:
-            offset = tensors["bitfit_bias"] if for_resume else tensors["bias"].float() - self._base_bias()
+            offset = tensors["bias"].float() - self._base_bias()
             self.bitfit_bias[name].copy_(offset.to(self.bitfit_bias[name].dtype))
         if name in self.bitfit_weight:
-            offset = (tensors["bitfit_weight"] if for_resume
-                      else tensors["weight"].float() - self.base_layer.weight.float())
+            offset = tensors["weight"].float() - self.base_layer.weight.float()
             self.bitfit_weight[name].copy_(offset.to(self.bitfit_weight[name].dtype))
 
 

@@ -309,10 +309,8 @@ class LoraLinear(AdapterWrapper):
             suffixes["lora_magnitude_vector"] = "lora_magnitude_vector"
         return suffixes
 
-    def file_tensors(self, name: str, for_resume: bool = False) -> dict[str, torch.Tensor]:
-        tensors = super().file_tensors(name, for_resume)
-        if for_resume:
-            return tensors
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        tensors = super().file_tensors(name)
         lora_a, lora_b, spec = tensors["lora_A.weight"], tensors["lora_B.weight"], self.specs[name]
         if spec.slices is not None:  # B zero outside each slice's rows and columns: the same s·B·A
             full_b = torch.zeros(self.out_features, lora_a.shape[0], dtype=lora_b.dtype, device=lora_b.device)
@@ -328,15 +326,15 @@ class LoraLinear(AdapterWrapper):
             tensors["lora_B.weight"] = torch.cat([lora_b, -init.b.to(lora_b.dtype)], dim=1)
         return tensors
 
-    def file_rank(self, name: str, for_resume: bool = False) -> int:
+    def file_rank(self, name: str) -> int:
         """The rank the saved tensors have (G·r for sliced adapters, 2r for converted PiSSA ones)."""
         rank = self.lora_A[name].shape[0]
-        return rank * 2 if name in self.lora_pissa_init and not for_resume else rank
+        return rank * 2 if name in self.lora_pissa_init else rank
 
     @torch.no_grad()
-    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str, for_resume: bool = False) -> None:
+    def load_file_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
         spec = self.specs[name]
-        if spec.slices is not None and not for_resume:
+        if spec.slices is not None:
             full_b = tensors["lora_B.weight"]
             packed, kept = [], torch.zeros_like(full_b, dtype=torch.bool)
             for group, rows in enumerate(self._group_rows(spec)):
@@ -348,7 +346,7 @@ class LoraLinear(AdapterWrapper):
             if outside.numel() and bool((outside != 0).any()):
                 raise LorafitError(f"{where}: lora_B has non-zero entries outside the adapted slices of a fused layer")
             tensors = {**tensors, "lora_B.weight": torch.cat(packed, dim=0)}
-        super().load_file_tensors(name, tensors, where, for_resume)
+        super().load_file_tensors(name, tensors, where)
 
 
 class LoraEmbedding(AdapterWrapper):
@@ -367,6 +365,10 @@ class LoraEmbedding(AdapterWrapper):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.specs: dict[str, AdapterSpec] = {}
+        # A peft file may bring the embedding's own weight (see replace_base_weight): the adapter it came
+        # with, and the weight it replaced, kept (out of the state dict) to give back on unload/delete.
+        self.base_weight_owner: str | None = None
+        self.register_buffer("original_base_weight", None, persistent=False)
 
     def add_adapter(self, name: str, spec: AdapterSpec, dtype: torch.dtype, module_path: str) -> None:
         if spec.slices is not None or spec.use_dora or spec.init == "pissa":
@@ -383,7 +385,33 @@ class LoraEmbedding(AdapterWrapper):
         self.specs[name] = spec
 
     def _forget(self, name: str) -> None:
+        if name == self.base_weight_owner:
+            self.restore_base()
         self.specs.pop(name, None)
+
+    def check_delete(self, name: str, module_path: str) -> None:
+        super().check_delete(name, module_path)
+        if name == self.base_weight_owner and self.merged_adapters:
+            raise LorafitError(f"adapter {name!r} brought the base weight of {module_path}, into which "
+                               f"{self.merged_adapters[0]!r} is merged; unmerge(model) before deleting it")
+
+    @torch.no_grad()
+    def replace_base_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Use the base weight adapter `name`'s file holds (peft saves it when the embedding was trained).
+
+        The weight from before the first replacement is kept, so unloading gives back the model as it was.
+        """
+        if self.original_base_weight is None:
+            self.original_base_weight = self.base_layer.weight.detach().clone()
+        self.base_weight_owner = name
+        self.base_layer.weight.copy_(weight)
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        if self.original_base_weight is not None:
+            self.base_layer.weight.copy_(self.original_base_weight)
+        self.original_base_weight = None
+        self.base_weight_owner = None
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(ids, *args, **kwargs)
@@ -413,7 +441,7 @@ class LoraEmbedding(AdapterWrapper):
     def file_suffixes(self, name: str) -> dict[str, str]:
         return {"lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B"}
 
-    def file_rank(self, name: str, for_resume: bool = False) -> int:
+    def file_rank(self, name: str) -> int:
         return self.lora_embedding_A[name].shape[0]
 
 

@@ -3,7 +3,8 @@
 AdamW over the trainable (adapter) parameters, linear warm-up then cosine decay, gradient clipping,
 gradient accumulation with the loss weighted by label tokens across the whole optimizer step,
 packed batches, a JSONL log of every step, periodic evaluation, atomic checkpoints, exact resume,
-and a clean stop on SIGINT/SIGTERM (finish the step, checkpoint, say how to resume).
+and a clean stop on SIGINT/SIGTERM (finish the step, checkpoint, say how to resume). Weights that
+turn NaN/Inf stop the run at once, whatever `on_nonfinite` says: they are never checkpointed or saved.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from lorafit.errors import LorafitError
+from lorafit.files import atomic_path
 from lorafit.train.batching import (
     MIN_SHARED_PREFIX,
     collate_pieces,
@@ -35,7 +37,7 @@ from lorafit.train.batching import (
     prefix_sharing_is_exact,
     shared_prefix_length,
 )
-from lorafit.train.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
+from lorafit.train.checkpoint import Position, list_checkpoints, read_checkpoint, restore_checkpoint, save_checkpoint
 from lorafit.train.loss import head_and_body, summed_token_loss
 
 
@@ -69,6 +71,7 @@ class TrainResult:
     interrupted: bool = False
     seconds: float = 0.0
     real_tokens: int = 0
+    skipped_steps: int = 0  # non-finite loss or gradient, with on_nonfinite="skip"
 
 
 class _StopRequest:
@@ -210,9 +213,14 @@ def train(
     adapter_name: str = "default",
     evaluate: Callable[[], dict] | None = None,
     resume: Path | None = None,
+    base_model: dict | None = None,
     echo: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train the model's trainable parameters on tokenised `examples`; checkpoints go to run_dir/checkpoints."""
+    """Train the model's trainable parameters on tokenised `examples`; checkpoints go to run_dir/checkpoints.
+
+    `resume` is a checkpoint folder to continue from; `base_model` (lorafit.identity) is recorded in
+    every checkpoint's adapter so it names the model it was made for.
+    """
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
@@ -221,25 +229,43 @@ def train(
     parameters = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    if settings.gradient_checkpointing:
-        _set_activation_checkpointing(model, True)
-    collate = _choose_collate(model, vocab_size, pad_id, settings, echo)
-    body = _compiled_body(model, settings.compile_backend, device, echo) if settings.compile_backend else None
-    checkpoints = run_dir / "checkpoints"
     position = Position()
     if resume is not None:
-        position = load_checkpoint(resume, model, adapter_name, optimizer, scheduler, parameter_names)
+        position = restore_checkpoint(read_checkpoint(resume), model, optimizer, scheduler, parameter_names)
         echo(f"resumed from {resume} at step {position.step}")
+    collate = _choose_collate(model, vocab_size, pad_id, settings, echo)
+    body = _compiled_body(model, settings.compile_backend, device, echo) if settings.compile_backend else None
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "log.jsonl"
-    _truncate_log(log_path, position.step)
+    _truncate_log(log_path, position.step, echo)
+    if settings.gradient_checkpointing:
+        _set_activation_checkpointing(model, True)
+    try:
+        return _run_steps(model, examples, settings, run_dir, device, optimizer, scheduler, parameters,
+                          parameter_names, position, collate, body, adapter_name, evaluate, base_model, echo)
+    finally:  # also after an error: the caller's model must not stay in checkpointing mode
+        if settings.gradient_checkpointing:
+            _set_activation_checkpointing(model, False)
+        model.eval()
 
+
+def _nonfinite_weights(parameters: list[torch.Tensor]) -> bool:
+    """One reduction over all trainable weights (a NaN or an Inf anywhere makes the sum non-finite)."""
+    with torch.no_grad():
+        return not bool(torch.isfinite(torch.stack([p.detach().float().sum() for p in parameters])).all())
+
+
+def _run_steps(model, examples, settings, run_dir, device, optimizer, scheduler, parameters, parameter_names,
+               position, collate, body, adapter_name, evaluate, base_model, echo) -> TrainResult:
+    """The steps from `position` to settings.steps: the body of `train`, read top to bottom."""
+    checkpoints = run_dir / "checkpoints"
+    first_step = position.step
     stream = _micro_batches([len(e.input_ids) for e in examples], settings, position)
     result = TrainResult(steps_done=position.step)
     model.train()
     started = time.perf_counter()
     bar = tqdm(total=settings.steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True)
-    with _StopRequest() as stop, log_path.open("a", encoding="utf-8") as log, bar:
+    with _StopRequest() as stop, (run_dir / "log.jsonl").open("a", encoding="utf-8") as log, bar:
         while position.step < settings.steps:
             step_started = time.perf_counter()
             micro = []
@@ -249,6 +275,8 @@ def train(
                 position.epoch, position.batch = epoch, index + 1
             label_tokens = sum(b.label_tokens for b in micro)
             real_tokens = sum(b.real_tokens for b in micro)
+            if label_tokens == 0:  # build_dataset drops such examples; a hand-made list may not have
+                raise LorafitError(f"step {position.step + 1}: the micro-batches hold no label tokens to train on")
 
             loss_sum = 0.0
             for batch in micro:
@@ -259,35 +287,41 @@ def train(
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm).item()
             step_loss = loss_sum / label_tokens
 
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                position.step += 1
+                if _nonfinite_weights(parameters):
+                    raise LorafitError(f"step {position.step} made the adapter's weights NaN/Inf (lr "
+                                       f"{optimizer.param_groups[0]['lr']:.3g}); stopped without saving them. Last "
+                                       f"good checkpoint: {_last_checkpoint(checkpoints)}; lower --lr")
+                seconds = time.perf_counter() - step_started
+                record = {"step": position.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm, "tokens": real_tokens, "label_tokens": label_tokens,
+                          "tokens_per_s": real_tokens / seconds, "seconds": seconds}
+                result.losses.append(step_loss)
+                result.real_tokens += real_tokens
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{real_tokens / seconds:.0f}")
+            else:
                 optimizer.zero_grad(set_to_none=True)
                 what = f"step {position.step + 1}: loss {step_loss}, gradient norm {grad_norm}"
-                if settings.on_nonfinite == "skip":
-                    echo(f"skipped {what}")
-                    position.step += 1
-                    with warnings.catch_warnings():  # the schedule follows steps, taken or skipped
-                        warnings.simplefilter("ignore", UserWarning)
-                        scheduler.step()
-                    bar.update(1)
-                    continue
-                last = list_checkpoints(checkpoints)
-                raise LorafitError(f"non-finite {what}; stopped. Last good checkpoint: "
-                                   f"{last[-1] if last else 'none'} (lower --lr, or --on-nonfinite skip)")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            position.step += 1
-
-            seconds = time.perf_counter() - step_started
-            record = {"step": position.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm, "tokens": real_tokens, "label_tokens": label_tokens,
-                      "tokens_per_s": real_tokens / seconds, "seconds": seconds}
-            result.losses.append(step_loss)
-            result.real_tokens += real_tokens
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{real_tokens / seconds:.0f}")
+                if settings.on_nonfinite != "skip":
+                    raise LorafitError(f"non-finite {what}; stopped. Last good checkpoint: "
+                                       f"{_last_checkpoint(checkpoints)} (lower --lr, or --on-nonfinite skip)")
+                echo(f"skipped {what}")
+                position.step += 1
+                result.skipped_steps += 1
+                with warnings.catch_warnings():  # the schedule follows steps, taken or skipped
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
+                record = {"step": position.step, "skipped": f"loss {step_loss}, gradient norm {grad_norm}"}
             bar.update(1)
 
             finished = position.step == settings.steps
+            if finished and result.skipped_steps == position.step - first_step:
+                raise LorafitError(f"every step of this run ({result.skipped_steps}) had a non-finite loss or "
+                                   "gradient, so nothing was learned and no adapter is saved; lower --lr")
             if evaluate is not None and (finished or (settings.eval_every and position.step % settings.eval_every == 0)):
                 model.eval()
                 metrics = evaluate()
@@ -299,24 +333,44 @@ def train(
             log.flush()
 
             if finished or stop.requested or (settings.save_every and position.step % settings.save_every == 0):
-                saved = save_checkpoint(checkpoints, position, model, adapter_name, optimizer, scheduler,
-                                        parameter_names, settings.keep_checkpoints)
+                save_checkpoint(checkpoints, position, model, adapter_name, optimizer, scheduler,
+                                parameter_names, settings.keep_checkpoints, base_model=base_model)
                 if stop.requested:
                     result.interrupted = True
-                    bar.write(f"interrupted: checkpoint written to {saved}; continue with --resume {saved}")
+                    bar.write(f"interrupted at step {position.step}: checkpoint written; "
+                              f"continue with --resume {run_dir}")
                     break
-    if settings.gradient_checkpointing:
-        _set_activation_checkpointing(model, False)
-    model.eval()
     result.steps_done = position.step
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _truncate_log(log_path: Path, step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+def _last_checkpoint(folder: Path) -> str:
+    found = list_checkpoints(folder)
+    return str(found[-1]) if found else "none"
+
+
+def _truncate_log(log_path: Path, step: int, echo=print) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be redone).
+
+    A kill in the middle of a write leaves a half line; it is dropped, and said so, like any line that
+    does not read as a step record.
+    """
     if not log_path.exists():
         return
-    kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept, damaged = [], 0
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            damaged += 1
+            continue
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line)
+    if damaged:
+        echo(f"warning: {log_path}: {damaged} damaged line(s) dropped (a write cut off by a kill)")
+    with atomic_path(log_path) as temporary:
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -13,6 +13,7 @@ def plot_losses(log_path: Path, png_path: Path) -> Path | None:
     if not log_path.exists():
         return None
     records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [r for r in records if "loss" in r]  # skipped steps (non-finite loss) have none
     if not records:
         return None
     import matplotlib

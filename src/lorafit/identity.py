@@ -1,0 +1,122 @@
+"""Which base model an adapter or a run was made for, recorded so it is never silently swapped.
+
+An identity is the model as the user named it (a folder or .gguf path made absolute, or "default" for
+the embedded model: portable, unlike the per-environment cache folder a GGUF is converted into) plus a
+fingerprint of the loaded base: its model_type, every parameter's shape and a few values of the input
+embedding and of the last weight matrix. Values are compared with a tolerance that admits the same
+weights loaded in another dtype (bf16 keeps ~3 significant digits) and refuses other weights. lorafit
+writes it into the adapter's safetensors metadata (`lorafit_base_model`), where peft and vLLM do not look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafit.errors import LorafitError
+
+DEFAULT_MODEL = "default"  # how --model names the embedded SmolLM2 explicitly
+METADATA_KEY = "lorafit_base_model"
+_SAMPLES = 16
+_RELATIVE_TOLERANCE = 2e-2
+_ABSOLUTE_TOLERANCE = 1e-4
+
+
+def model_spec(spec: str | None) -> str:
+    """The portable name of what --model named: "default", or the path made absolute."""
+    if spec is None or spec == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    return str(Path(spec).expanduser().resolve())
+
+
+def loadable_spec(spec: str) -> str | None:
+    """What models.load_model_and_tokenizer takes for a recorded spec (None: the embedded model)."""
+    return None if spec == DEFAULT_MODEL else spec
+
+
+def _samples(tensor: torch.Tensor) -> list[float]:
+    flat = tensor.detach().reshape(-1)
+    last = flat.numel() - 1  # integer spacing: a float linspace over 28 M elements rounds past the end
+    positions = torch.tensor([i * last // (_SAMPLES - 1) for i in range(_SAMPLES)], device=flat.device)
+    return [float(v) for v in flat[positions].float().cpu()]
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """The bare base model's fingerprint (call it before any adapter is attached)."""
+    if hasattr(model, "lorafit_state"):
+        raise LorafitError("fingerprint the base model before attaching adapters to it")
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    embedding = model.get_input_embeddings().weight
+    matrices = [(n, p) for n, p in model.named_parameters() if p.dim() == 2]
+    last_name, last = matrices[-1]
+    return {
+        "model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
+        "shapes": shapes,
+        "samples": {"input_embeddings": _samples(embedding), last_name: _samples(last)},
+    }
+
+
+def base_identity(model: nn.Module, spec: str | None) -> dict:
+    return {"model": model_spec(spec), "fingerprint": fingerprint(model)}
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= _RELATIVE_TOLERANCE * max(abs(a), abs(b)) + _ABSOLUTE_TOLERANCE
+
+
+def mismatch(recorded: dict, model: nn.Module) -> str | None:
+    """How `model` differs from a recorded fingerprint, in a few words; None when it is the same base."""
+    now = fingerprint(model)
+    if recorded.get("model_type") != now["model_type"]:
+        return f"model_type {recorded.get('model_type')!r} there, {now['model_type']!r} here"
+    there, here = recorded.get("shapes") or {}, now["shapes"]
+    if there != here:
+        for name in sorted(set(there) | set(here)):
+            if there.get(name) != here.get(name):
+                return f"weight shapes differ ({name}: {there.get(name)} there, {here.get(name)} here)"
+    for name, values in (recorded.get("samples") or {}).items():
+        mine = now["samples"].get(name)
+        if mine is None or len(mine) != len(values) or not all(_close(a, b) for a, b in zip(values, mine)):
+            return f"same shapes but other weights ({name} differs)"
+    return None
+
+
+def read_adapter_record(adapter_dir: Path) -> tuple[dict | None, str | None]:
+    """(lorafit's identity record, peft's base_model_name_or_path) of an adapter folder; each may be None."""
+    from safetensors import SafetensorError, safe_open
+
+    record = None
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                text = (handle.metadata() or {}).get(METADATA_KEY)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise LorafitError(f"{weights} is not a readable safetensors file (truncated or corrupted?): {err}") from None
+        if text:
+            try:
+                record = json.loads(text)
+            except (ValueError, RecursionError):
+                raise LorafitError(f"{weights}: its {METADATA_KEY} metadata is damaged") from None
+            if not isinstance(record, dict) or not isinstance(record.get("model"), str):
+                raise LorafitError(f"{weights}: its {METADATA_KEY} metadata is damaged")
+    peft_base = None
+    config_file = adapter_dir / "adapter_config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        peft_base = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        pass  # load_adapter reports a bad adapter_config.json with its own message
+    return record, peft_base if isinstance(peft_base, str) and peft_base else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
