@@ -661,19 +661,24 @@ def build_dataset(
             stats.total_tokens += len(example.input_ids)
             stats.label_tokens += example.trained_token_count
     if not kept:
-        raise LorafitError(f"{prefix}no {purpose} examples left: {_why_none_left(stats, max_length, cut_to_nothing)}")
+        why = _why_none_left(stats, max_length, cut_to_nothing, overflow_applies=purpose == "training")
+        raise LorafitError(f"{prefix}no {purpose} examples left: {why}")
     return kept, stats
 
 
-def _why_none_left(stats: DataStats, max_length: int, cut_to_nothing: int) -> str:
-    """Each reason with the fix, as CLI flag and as keyword, since users meet this through either."""
+def _why_none_left(stats: DataStats, max_length: int, cut_to_nothing: int, overflow_applies: bool = True) -> str:
+    """Each reason with the fix, as CLI flag and as keyword, since users meet this through either.
+
+    Held-out examples are never truncated, so for them the fix is a larger max_length only.
+    """
     if not stats.examples_in:
         return "the data holds no examples"
     reasons = []
     if stats.skipped_too_long:
         reasons.append(
             f"{stats.skipped_too_long} longer than max_length={max_length} were skipped "
-            "(raise --max-length (max_length) or pass --overflow truncate)"
+            + ("(raise --max-length (max_length) or pass --overflow truncate)" if overflow_applies
+               else "(held-out examples are evaluated whole: raise --max-length (max_length))")
         )
     if cut_to_nothing:
         reasons.append(

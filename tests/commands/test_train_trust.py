@@ -395,3 +395,28 @@ def test_help_loads_neither_torch_nor_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0, result.stderr
     assert "--batch-size" in result.stdout and result.stdout.strip().splitlines()[-1] == "False False"
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["merge", "--adapter", "ADAPTER", "--output", "OUT"],
+                                     ["inspect"]], ids=["train", "eval", "merge", "inspect"])
+def test_every_command_prints_its_settings_before_loading_the_model(command, finished_run, tmp_path, capsys,
+                                                                  monkeypatch):
+    from lorafit.errors import LorafitError
+
+    def not_yet(*args, **kwargs):
+        raise LorafitError("(the model would load here)")
+
+    monkeypatch.setattr("lorafit.models.load_model_and_tokenizer", not_yet)
+    monkeypatch.setattr("lorafit.models.resolve_model_folder", not_yet)
+    args = [str(finished_run) if a == "ADAPTER" else str(tmp_path / "out") if a == "OUT" else a for a in command]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("settings:\n") and any(line.startswith("model:") for line in out.splitlines()[1:6])
+
+
+def test_a_one_record_file_suggests_held_out_zero(tmp_path, tiny_chat_model, capsys):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
+    assert main(train_args(tiny_chat_model, data, tmp_path / "run")) == 1
+    assert "pass --held-out 0 (train on all of it, no held-out evaluation) or give --eval-data FILE" in \
+        error_line(capsys)

@@ -110,7 +110,7 @@ def test_skipped_steps_are_counted_and_logged_and_the_rest_train(tmp_path, monke
     assert "skipped" in log[1] and "loss" in log[0] and "loss" in log[2]
 
 
-def test_sigint_finishes_the_step_checkpoints_and_resume_completes_exactly(tmp_path):
+def test_sigint_finishes_the_step_checkpoints_and_resume_completes_exactly(tmp_path, capsys):
     full, full_model = _train(tmp_path / "full", steps=6, save_every=0)
     calls = []
 
@@ -125,6 +125,9 @@ def test_sigint_finishes_the_step_checkpoints_and_resume_completes_exactly(tmp_p
     result = train(model, _examples(), settings, tmp_path / "cut", pad_id=0, vocab_size=64,
                    evaluate=interrupt_at_step_two, echo=lambda _: None)
     assert result.interrupted and result.steps_done == 2
+    # the hint names the run folder, which is what `lorafit train --resume` takes
+    assert f"interrupted at step 2: checkpoint written; continue with --resume {tmp_path / 'cut'}" in \
+        capsys.readouterr().out
     checkpoint = list_checkpoints(tmp_path / "cut" / "checkpoints")[-1]
     assert checkpoint.name == "step-000002"
     resumed, resumed_model = _train(tmp_path / "cut", steps=6, save_every=0, resume=checkpoint)
