@@ -75,9 +75,11 @@ def mismatch(recorded: dict, model: nn.Module) -> str | None:
         return f"model_type {recorded.get('model_type')!r} there, {now['model_type']!r} here"
     there, here = recorded.get("shapes") or {}, now["shapes"]
     if there != here:
-        for name in sorted(set(there) | set(here)):
-            if there.get(name) != here.get(name):
-                return f"weight shapes differ ({name}: {there.get(name)} there, {here.get(name)} here)"
+        for name in sorted(set(there) & set(here)):  # a weight both have, in another shape, says most
+            if there[name] != here[name]:
+                return f"weight shapes differ ({name}: {there[name]} there, {here[name]} here)"
+        only_there, only_here = sorted(set(there) - set(here)), sorted(set(here) - set(there))
+        return (f"other weights ({only_there[0]} only there)" if only_there else f"other weights ({only_here[0]} only here)")
     for name, values in (recorded.get("samples") or {}).items():
         mine = now["samples"].get(name)
         if mine is None or len(mine) != len(values) or not all(_close(a, b) for a, b in zip(values, mine)):

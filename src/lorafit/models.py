@@ -32,6 +32,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lorafit.errors import LorafitError
+from lorafit.files import apply_default_permissions
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,9 @@ def _cached_conversion(gguf_file: Path) -> Path:
         ) from err
     try:
         _convert_gguf(gguf_file, partial)
+        # mkdtemp makes a 0700 folder and safetensors 0600 files; adapters name this folder as their base,
+        # so give it the permissions any folder of the user's gets
+        apply_default_permissions(partial)
         try:
             os.replace(partial, target)
         except OSError:

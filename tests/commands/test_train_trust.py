@@ -420,3 +420,16 @@ def test_a_one_record_file_suggests_held_out_zero(tmp_path, tiny_chat_model, cap
     assert main(train_args(tiny_chat_model, data, tmp_path / "run")) == 1
     assert "pass --held-out 0 (train on all of it, no held-out evaluation) or give --eval-data FILE" in \
         error_line(capsys)
+
+
+def test_eval_leaves_out_examples_longer_than_max_length_from_both_metrics(tmp_path, finished_run, capsys):
+    held = write_dates(tmp_path / "held.jsonl", 3, seed=3)
+    with held.open("a") as handle:
+        handle.write(json.dumps({"prompt": "x" * 400, "completion": "y"}) + "\n")
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(finished_run), "--data", str(held), "--max-length", "200", "--json",
+                 "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out.strip().splitlines()[-1])
+    assert metrics["examples"] == 3 and metrics["left_out"] == 1
+    assert "1 of 4 held-out examples left out of loss and exact match (1 longer than --max-length 200" in captured.err

@@ -482,7 +482,8 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
         return {"interrupted": True, "steps": result.steps_done, "adapter": str(adapter_dir)}
 
     after = held_out_metrics(with_generation=True)
-    metrics = {"before": before, "after": after, "steps": result.steps_done, "train_seconds": result.seconds,
+    metrics = {"before": before, "after": after, "steps": result.steps_done, "resumed_at_step": result.start_step,
+               "train_seconds": result.seconds,
                "tokens_per_second": result.real_tokens / result.seconds if result.seconds else None,
                "skipped_steps": result.skipped_steps, "held_out_examples": len(held_set),
                "exact_match_examples": len(eval_conversations), "adapter": str(adapter_dir)}
@@ -492,7 +493,9 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
         echo(_comparison(before, after))
     if result.skipped_steps:
         echo(f"warning: {result.skipped_steps} steps were skipped (non-finite loss or gradient); see {run_dir / 'log.jsonl'}")
-    echo(f"trained {result.steps_done} steps in {result.seconds:.0f} s "
+    steps_run = (f"{result.steps_done} steps" if not result.start_step else
+                 f"steps {result.start_step + 1}-{result.steps_done} (resumed at step {result.start_step})")
+    echo(f"trained {steps_run} in {result.seconds:.0f} s "
          f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); adapter saved to {adapter_dir}")
     echo(f"loss curve: {run_dir / 'loss.png'}; step log: {run_dir / 'log.jsonl'}")
     return metrics

@@ -72,6 +72,7 @@ class TrainResult:
     seconds: float = 0.0
     real_tokens: int = 0
     skipped_steps: int = 0  # non-finite loss or gradient, with on_nonfinite="skip"
+    start_step: int = 0  # where this call started: 0, or the checkpoint's step when resumed
 
 
 class _StopRequest:
@@ -264,7 +265,7 @@ def _run_steps(model, examples, settings, run_dir, device, optimizer, scheduler,
     checkpoints = run_dir / "checkpoints"
     first_step = position.step
     stream = _micro_batches([len(e.input_ids) for e in examples], settings, position)
-    result = TrainResult(steps_done=position.step)
+    result = TrainResult(steps_done=position.step, start_step=position.step)
     model.train()
     started = time.perf_counter()
     bar = tqdm(total=settings.steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True)

@@ -164,7 +164,9 @@ def clear_run(run: Path) -> None:
     foreign = foreign_entries(run)
     if foreign:  # checked before; checked again since files may have appeared while the model loaded
         raise LorafitError(f"--overwrite: {run} holds files lorafit did not write ({_brief(foreign)})")
-    for entry in run.iterdir():
+    # The marker goes last: a kill midway leaves a folder still recognised as a run, which --overwrite
+    # can clear again, rather than one lorafit would refuse to touch.
+    for entry in sorted(run.iterdir(), key=lambda p: p.name == MARKER):
         if entry.is_dir():
             shutil.rmtree(entry)
         else:
