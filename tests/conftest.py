@@ -1,6 +1,8 @@
 """Tiny random models built from configs (no hub): the fixtures every test file shares."""
 
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,19 @@ def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
+
+
+@contextmanager
+def mounted_tmpfs(folder: Path, options: str):
+    """A real tmpfs at `folder` (e.g. options "size=64k", "ro"): full disks and read-only file systems as
+    the kernel reports them. Needs root; the test is skipped where no tmpfs can be mounted."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

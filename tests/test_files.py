@@ -2,7 +2,6 @@
 
 import os
 import stat
-import subprocess
 
 import pytest
 from safetensors import SafetensorError
@@ -11,7 +10,7 @@ import lorafit
 from lorafit import LoraConfig, LorafitError
 from lorafit import io as lorafit_io
 from lorafit.files import apply_default_permissions, explain_write_errors
-from tests.conftest import randomize_adapters, tiny_llama
+from tests.conftest import randomize_adapters, tiny_llama, mounted_tmpfs
 
 NAMES = ["adapter_config.json", "adapter_model.safetensors"]
 
@@ -72,18 +71,8 @@ def test_disk_full_while_saving_keeps_the_previous_adapter(tmp_path, monkeypatch
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 256 KiB tmpfs, where the test may mount one (root on Linux); skipped elsewhere."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                             capture_output=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
+    with mounted_tmpfs(tmp_path / "small", "size=256k") as folder:
+        yield folder
 
 
 def test_disk_full_on_a_real_filesystem_keeps_the_previous_adapter(small_filesystem):

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import subprocess
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -10,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import lorafit
 from lorafit.cli import main
 from tests.commands.test_train_trust import error_line, snapshot
-from tests.conftest import write_tiny_chat_model
+from tests.conftest import mounted_tmpfs, write_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +68,11 @@ def test_merged_files_are_readable_like_any_file_the_user_writes(base_and_adapte
 
 def test_a_full_disk_while_merging_is_one_line_and_leaves_nothing_behind(base_and_adapter, tmp_path, capsys):
     model, adapter = base_and_adapter
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "size=64k") as mount:
         assert main(["merge", "--model", str(model), "--adapter", str(adapter), "--output",
                      str(mount / "merged")]) == 1
         assert "no space left on the device" in error_line(capsys)
         assert list(mount.iterdir()) == []  # the half-written temporary folder is gone
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_save_failure_reported_by_safetensors_is_one_line_everywhere(base_and_adapter, tmp_path, capsys,

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lorafit.cli import main
 from lorafit.tasks import generate_date_task
-from tests.conftest import write_tiny_chat_model
+from tests.conftest import mounted_tmpfs, write_tiny_chat_model
 
 
 def snapshot(folder: Path) -> dict:
@@ -324,17 +324,10 @@ def test_output_that_is_a_file_fails_before_loading(tmp_path, data, where, capsy
 
 
 def test_output_on_a_read_only_file_system_fails_before_loading(tmp_path, data, capsys, monkeypatch):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=64k") as mount:
         monkeypatch.setattr("lorafit.models.load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
         assert main(["train", "--data", str(data), "--output", str(mount / "run")]) == 1
         assert "the file system is read-only" in error_line(capsys)
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_output_without_permission_fails_before_loading(tmp_path, data, capsys, monkeypatch):

@@ -340,68 +340,31 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
 
     from lorafit.accounting import report
     from lorafit.adapters import attach
-    from lorafit.data import build_dataset, read_examples, render_example, split_examples
+    from lorafit.data import build_dataset, render_example
     from lorafit.evaluate import evaluate_loss, exact_match_accuracy
-    from lorafit.identity import base_identity, file_sha256, mismatch
+    from lorafit.identity import base_identity
     from lorafit.io import save_adapter
     from lorafit.models import load_model_and_tokenizer
-    from lorafit.tasks import date_task_splits
-    from lorafit.train.checkpoint import newest_readable, read_checkpoint
     from lorafit.train.loop import COMPILE_BACKEND, LoopSettings, check_compile, train
     from lorafit.train.plot import plot_losses
 
     given = given_settings(config) if given is None else set(given)
     check_settings(config, given)
-    resume, record, saved_before, finished = None, None, None, False
-    if config.resume:
-        config, run_dir, named_checkpoint, _ = restore_run_settings(config, given)
-        check_settings(config, set())
-        resume = read_checkpoint(named_checkpoint) if named_checkpoint else newest_readable(
-            run_dir / run_folder.CHECKPOINTS, echo)
-        if resume is None:
-            raise LorafitError(f"--resume {run_dir}: no readable checkpoint in {run_dir / run_folder.CHECKPOINTS}")
-        record = run_folder.read_marker(run_dir)
-        run_folder.check_writable(run_dir)
-        saved_before, finished = _read_run_metrics(run_dir / run_folder.METRICS)
-        if config.steps is not None:
-            _check_resume_length(run_dir, config.steps, resume.position.step, finished)
-    else:
-        run_dir = Path(config.output) if config.output else Path("runs") / time.strftime("lorafit-%Y%m%d-%H%M%S")
-        inputs = {"--data": config.data, "--eval-data": config.eval_data, "--model": _absolute(config.model)}
-        run_folder.check_output(run_dir, overwrite=config.overwrite, inputs=inputs)
+    start = _start_or_resume(config, given, echo)
+    config, run_dir, resume = start.config, start.run_dir, start.checkpoint
     builtin = config.data is None
-    echo("settings:\n" + _yaml({k: v for k, v in asdict(config).items()}).rstrip())
-
-    # The data is read before the model so a bad file fails in a second, not after a model load.
-    if builtin:
-        train_chats, held_chats = date_task_splits(BUILTIN.train_examples, BUILTIN.held_out_examples, config.seed)
-        echo(f"data: built-in date task, {len(train_chats)} train / {len(held_chats)} held-out examples")
-    else:
-        loaded = read_examples(config.data)
-        for note in loaded.ignored:
-            echo(f"warning: {note}")
-        if config.eval_data:
-            held = read_examples(config.eval_data)
-            for note in held.ignored:
-                echo(f"warning: {note}")
-            train_chats, held_chats = loaded.conversations, held.conversations
-        else:
-            held_out = int(config.held_out) if config.held_out >= 1 else config.held_out
-            train_chats, held_chats = split_examples(loaded.conversations, held_out, config.seed)
-        echo(f"data: {config.data}, {len(train_chats)} train / {len(held_chats)} held-out examples")
+    echo("settings:\n" + _yaml(asdict(config)).rstrip())
+    train_chats, held_chats = _read_data(config, echo)  # before the model: a bad file fails in a second
     if resume is not None:
-        _check_same_inputs(record, config, run_dir)
+        _check_same_inputs(start.record, config, run_dir)
 
     model, tokenizer = load_model_and_tokenizer(_absolute(config.model), dtype=config.dtype,
                                                 allow_pickle=config.allow_pickle,
                                                 trust_remote_code=config.trust_remote_code)
     echo(f"model: {model.name_or_path} ({type(model).__name__}, {model.dtype}, {model.device})")
     identity = base_identity(model, config.model)
-    if record is not None and isinstance(record.get("base_model"), dict):
-        differs = mismatch(record["base_model"].get("fingerprint") or {}, model)
-        if differs:
-            raise LorafitError(f"--resume {run_dir}: the run was trained on {record['base_model'].get('model')}, and "
-                               f"the model loaded now is not that one ({differs})")
+    if resume is not None:
+        _check_same_base(start.record, model, run_dir)
     if config.compile:
         check_compile(model, COMPILE_BACKEND, model.device)
     train_set, stats = build_dataset(tokenizer, train_chats, config.max_length, config.train_on_prompt,
@@ -417,7 +380,7 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
         per_epoch = -(-len(train_set) // (config.batch_size * config.grad_accum))
         steps = max(1, round(per_epoch * (config.epochs or 1.0)))
     if resume is not None and config.steps is None:
-        _check_resume_length(run_dir, steps, resume.position.step, finished)
+        _check_resume_length(run_dir, steps, resume.position.step, start.finished)
     lr = config.lr or (BUILTIN.lr if builtin else DEFAULT_LR)
     warmup = config.warmup_steps if config.warmup_steps is not None else (
         BUILTIN.warmup_steps if builtin else round(0.05 * steps))
@@ -437,31 +400,18 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
 
     # The adapter starts as the identity (B = 0, IA3 ones, BitFit zeros, PiSSA's residual + its part), so
     # this is the base model's score.
-    before = held_out_metrics(with_generation=True) if resume is None else saved_before
+    before = held_out_metrics(with_generation=True) if resume is None else start.saved_before
     if before:
         echo("held-out before training: " + _format(before))
 
     # Only now, with everything checked and loaded, is the run folder written.
     resolved = {**asdict(config), "steps": steps, "lr": lr, "warmup_steps": warmup, "output": str(run_dir),
-                **{name: _absolute(getattr(config, name)) for name in PATH_SETTINGS}}
-    resolved["resume"] = None
+                "resume": None, **{name: _absolute(getattr(config, name)) for name in PATH_SETTINGS}}
     if resume is None:
-        if config.overwrite and run_dir.exists():
-            run_folder.clear_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_folder.write_marker(run_dir, {
-            "lorafit_version": __version__,
-            "base_model": identity,
-            "data": {"path": resolved["data"], "sha256": file_sha256(Path(config.data))} if config.data else
-            {"builtin": "date task", "seed": config.seed},
-            "eval_data": {"path": resolved["eval_data"], "sha256": file_sha256(Path(config.eval_data))}
-            if config.eval_data else None,
-        })
-        _write_text(run_dir / run_folder.CONFIG, _yaml(resolved))
-        _write_json(run_dir / run_folder.METRICS, {"before": before, "after": None})
+        _write_run_start(run_dir, config, resolved, identity, before)
     else:
         if resolved != {**_read_run_settings(run_dir), "resume": None}:
-            _write_text(run_dir / run_folder.CONFIG, _yaml(resolved))  # a longer run, or other save/eval settings
+            _write_text(run_dir / CONFIG, _yaml(resolved))  # a longer run, or other save/eval settings
         _write_json(run_dir / run_folder.METRICS, {"before": before, "after": None})  # in progress again
 
     settings = LoopSettings(
@@ -499,6 +449,94 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
          f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); adapter saved to {adapter_dir}")
     echo(f"loss curve: {run_dir / 'loss.png'}; step log: {run_dir / 'log.jsonl'}")
     return metrics
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: its settings, folder and, when resumed, the checkpoint and what the run recorded."""
+
+    config: TrainConfig
+    run_dir: Path
+    checkpoint: object = None  # train.checkpoint.CheckpointState when resuming
+    record: Optional[dict] = None  # the run's lorafit-run.json
+    saved_before: Optional[dict] = None  # its held-out metrics before training
+    finished: bool = False  # its metrics.json has the after-training metrics
+
+
+def _start_or_resume(config: TrainConfig, given: set[str], echo) -> RunStart:
+    """A new run's checked output folder, or the resumed run's settings and checkpoint; writes nothing."""
+    from lorafit.train.checkpoint import newest_readable, read_checkpoint
+
+    if not config.resume:
+        run_dir = Path(config.output) if config.output else Path("runs") / time.strftime("lorafit-%Y%m%d-%H%M%S")
+        inputs = {"--data": config.data, "--eval-data": config.eval_data, "--model": _absolute(config.model)}
+        run_folder.check_output(run_dir, overwrite=config.overwrite, inputs=inputs)
+        return RunStart(config, run_dir)
+    config, run_dir, named_checkpoint, _ = restore_run_settings(config, given)
+    check_settings(config, set())
+    checkpoint = read_checkpoint(named_checkpoint) if named_checkpoint else newest_readable(
+        run_dir / run_folder.CHECKPOINTS, echo)
+    if checkpoint is None:
+        raise LorafitError(f"--resume {run_dir}: no readable checkpoint in {run_dir / run_folder.CHECKPOINTS}")
+    run_folder.check_writable(run_dir)
+    saved_before, finished = _read_run_metrics(run_dir / run_folder.METRICS)
+    if config.steps is not None:
+        _check_resume_length(run_dir, config.steps, checkpoint.position.step, finished)
+    return RunStart(config, run_dir, checkpoint, run_folder.read_marker(run_dir), saved_before, finished)
+
+
+def _read_data(config: TrainConfig, echo) -> tuple[list, list]:
+    """(training conversations, held-out conversations), with every ignored field reported."""
+    from lorafit.data import read_examples, split_examples
+    from lorafit.tasks import date_task_splits
+
+    if config.data is None:
+        train_chats, held_chats = date_task_splits(BUILTIN.train_examples, BUILTIN.held_out_examples, config.seed)
+        echo(f"data: built-in date task, {len(train_chats)} train / {len(held_chats)} held-out examples")
+        return train_chats, held_chats
+    files = [read_examples(config.data)] + ([read_examples(config.eval_data)] if config.eval_data else [])
+    for note in (note for loaded in files for note in loaded.ignored):
+        echo(f"warning: {note}")
+    if config.eval_data:
+        train_chats, held_chats = files[0].conversations, files[1].conversations
+    else:
+        held_out = int(config.held_out) if config.held_out >= 1 else config.held_out
+        train_chats, held_chats = split_examples(files[0].conversations, held_out, config.seed)
+    echo(f"data: {config.data}, {len(train_chats)} train / {len(held_chats)} held-out examples")
+    return train_chats, held_chats
+
+
+def _check_same_base(record: Optional[dict], model, run_dir: Path) -> None:
+    """On resume, the model loaded must be the base the run was trained on (lorafit.identity)."""
+    from lorafit.identity import mismatch
+
+    recorded = (record or {}).get("base_model")
+    if not isinstance(recorded, dict):
+        return  # a run of lorafit 0.1 recorded none
+    differs = mismatch(recorded.get("fingerprint") or {}, model)
+    if differs:
+        raise LorafitError(f"--resume {run_dir}: the run was trained on {recorded.get('model')}, and the model "
+                           f"loaded now is not that one ({differs})")
+
+
+def _write_run_start(run_dir: Path, config: TrainConfig, resolved: dict, identity: dict, before: dict) -> None:
+    """The first files of a new run: the marker first (so the folder is known as lorafit's), then the
+    settings and the metrics before training. An earlier run there (--overwrite) is cleared just before."""
+    from lorafit.identity import file_sha256
+
+    if config.overwrite and run_dir.exists():
+        run_folder.clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.write_marker(run_dir, {
+        "lorafit_version": __version__,
+        "base_model": identity,
+        "data": {"path": resolved["data"], "sha256": file_sha256(Path(config.data))} if config.data else
+        {"builtin": "date task", "seed": config.seed},
+        "eval_data": {"path": resolved["eval_data"], "sha256": file_sha256(Path(config.eval_data))}
+        if config.eval_data else None,
+    })
+    _write_text(run_dir / CONFIG, _yaml(resolved))
+    _write_json(run_dir / run_folder.METRICS, {"before": before, "after": None})
 
 
 def _held_out_set(tokenizer, held_chats: list, config: TrainConfig, echo) -> tuple[list, list]:
