@@ -87,6 +87,9 @@ class LorafitSide:
         torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        from lorafit.train.loop import _nonfinite_weights
+
+        _nonfinite_weights(self.parameters)  # the loop checks the weights after every step (issue 13)
         return {"loss": loss_sum / label_tokens, "real_tokens": sum(piece.real_tokens for piece in pieces),
                 "label_tokens": label_tokens,
                 "computed_tokens": sum(_computed_tokens(piece.inputs) for piece in pieces)}
