@@ -28,8 +28,9 @@ def _fsync(path: Path) -> None:
 
 
 # Write failures a user can fix (free space, permissions), reported as one line instead of a traceback.
-_USER_FIXABLE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-                 errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
+USER_FIXABLE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.EROFS: "read-only file system"}
 
 # safetensors (and so transformers' save_pretrained) reports I/O failures as a SafetensorError whose
 # text carries Rust's rendering of the OS error: "... (os error 28)" or "Os { code: 28, ... }".
@@ -56,9 +57,9 @@ def explain_write_errors(target: str | os.PathLike) -> Iterator[None]:
         yield
     except (OSError, SafetensorError) as err:
         code = _errno_of(err)
-        if code not in _USER_FIXABLE:
+        if code not in USER_FIXABLE:
             raise
-        raise LorafitError(f"cannot write {target}: {_USER_FIXABLE[code]}; what was there before is intact") from err
+        raise LorafitError(f"cannot write {target}: {USER_FIXABLE[code]}; what was there before is intact") from err
 
 
 def _umask() -> int:
@@ -129,6 +130,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             temporary.unlink()
 
 
-def write_json(target: str | os.PathLike, value) -> None:
+def write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as temporary:
-        temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_json(target: str | os.PathLike, value, sort_keys: bool = True) -> None:
+    write_text(target, json.dumps(value, indent=2, sort_keys=sort_keys) + "\n")

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, brief
 from lorafit.files import apply_default_permissions
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def _config_file(folder: Path) -> Path:
         ggufs = [n for n in names if n.lower().endswith(".gguf")]
         if ggufs:
             hint = f"; to load a GGUF, name the file itself: {folder / ggufs[0]}"
-        raise LorafitError(f"{folder} is not a model folder: no config.json (it holds {_brief(names)}){hint}")
+        raise LorafitError(f"{folder} is not a model folder: no config.json (it holds {brief(names)}){hint}")
     return config_file
 
 
@@ -359,7 +359,7 @@ def _check_weights(folder: Path, allow_pickle: bool) -> bool:
             f"{folder} has only pickle weights (pytorch_model.bin), which can run arbitrary code when loaded: "
             "pass allow_pickle=True (--allow-pickle) if you trust the source, or convert them to safetensors"
         )
-    raise LorafitError(f"{folder} has no weights (*.safetensors): it holds {_brief(names)}")
+    raise LorafitError(f"{folder} has no weights (*.safetensors): it holds {brief(names)}")
 
 
 def _check_safetensors_files(folder: Path) -> None:
@@ -418,13 +418,6 @@ def _parse_device(device: torch.device | str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LorafitError(f"device {device} was asked for, but this torch build sees no CUDA GPU")
     return device
-
-
-def _brief(names: list[str], shown: int = 6) -> str:
-    if not names:
-        return "nothing"
-    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def _first_line(err: BaseException) -> str:

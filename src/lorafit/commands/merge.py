@@ -41,17 +41,12 @@ class MergeConfig:
     """Run model code shipped with the model folder."""
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def check_output(output: Path, overwrite: bool, protected: dict[str, Path]) -> None:
     """Refuse an output that is or holds an input, or that lorafit did not write; changes nothing."""
-    from lorafit.train.run_folder import check_writable
+    from lorafit.train.run_folder import check_writable, is_inside
 
     for what, path in protected.items():
-        if path is not None and _inside(path, output):
+        if path is not None and is_inside(path, output):
             raise LorafitError(f"--output {output} is or holds {what} ({path}); merging there would replace it: "
                                "choose another --output")
     check_writable(output)

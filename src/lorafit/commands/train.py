@@ -25,7 +25,7 @@ import yaml
 from lorafit import __version__
 from lorafit.config import ALL_LINEAR, BitFitConfig, IA3Config, LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.files import atomic_path
+from lorafit.files import write_json, write_text
 from lorafit.train import run_folder
 from lorafit.train.run_folder import CONFIG
 
@@ -280,10 +280,10 @@ def _read_run_settings(run: Path) -> dict:
     return saved
 
 
-def restore_run_settings(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Optional[Path], dict]:
+def restore_run_settings(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Optional[Path]]:
     """The settings the resumed run continues with: its config.yaml, plus only what may change.
 
-    Returns (settings, run folder, checkpoint named or None, the saved settings).
+    Returns (settings, run folder, the checkpoint named or None for the run's newest).
     """
     run, checkpoint = _locate_resume(config.resume)
     saved = _read_run_settings(run)
@@ -311,7 +311,7 @@ def restore_run_settings(config: TrainConfig, given: set[str]) -> tuple[TrainCon
         restored["steps"], restored["epochs"] = config.steps, config.epochs
     else:
         restored["epochs"] = None  # config.yaml holds the resolved step count
-    return TrainConfig(**restored), run, checkpoint, saved
+    return TrainConfig(**restored), run, checkpoint
 
 
 def _check_same_inputs(record: Optional[dict], config: TrainConfig, run: Path) -> None:
@@ -411,8 +411,9 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
         _write_run_start(run_dir, config, resolved, identity, before)
     else:
         if resolved != {**_read_run_settings(run_dir), "resume": None}:
-            _write_text(run_dir / CONFIG, _yaml(resolved))  # a longer run, or other save/eval settings
-        _write_json(run_dir / run_folder.METRICS, {"before": before, "after": None})  # in progress again
+            write_text(run_dir / CONFIG, _yaml(resolved))  # a longer run, or other save/eval settings
+        # in progress again: a kill before the end leaves a run that resume completes
+        write_json(run_dir / run_folder.METRICS, {"before": before, "after": None}, sort_keys=False)
 
     settings = LoopSettings(
         steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=lr,
@@ -437,7 +438,7 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
                "tokens_per_second": result.real_tokens / result.seconds if result.seconds else None,
                "skipped_steps": result.skipped_steps, "held_out_examples": len(held_set),
                "exact_match_examples": len(eval_conversations), "adapter": str(adapter_dir)}
-    _write_json(run_dir / run_folder.METRICS, metrics)
+    write_json(run_dir / run_folder.METRICS, metrics, sort_keys=False)
     echo("held-out after training:  " + _format(after))
     if before:
         echo(_comparison(before, after))
@@ -472,7 +473,7 @@ def _start_or_resume(config: TrainConfig, given: set[str], echo) -> RunStart:
         inputs = {"--data": config.data, "--eval-data": config.eval_data, "--model": _absolute(config.model)}
         run_folder.check_output(run_dir, overwrite=config.overwrite, inputs=inputs)
         return RunStart(config, run_dir)
-    config, run_dir, named_checkpoint, _ = restore_run_settings(config, given)
+    config, run_dir, named_checkpoint = restore_run_settings(config, given)
     check_settings(config, set())
     checkpoint = read_checkpoint(named_checkpoint) if named_checkpoint else newest_readable(
         run_dir / run_folder.CHECKPOINTS, echo)
@@ -535,8 +536,8 @@ def _write_run_start(run_dir: Path, config: TrainConfig, resolved: dict, identit
         "eval_data": {"path": resolved["eval_data"], "sha256": file_sha256(Path(config.eval_data))}
         if config.eval_data else None,
     })
-    _write_text(run_dir / CONFIG, _yaml(resolved))
-    _write_json(run_dir / run_folder.METRICS, {"before": before, "after": None})
+    write_text(run_dir / CONFIG, _yaml(resolved))
+    write_json(run_dir / run_folder.METRICS, {"before": before, "after": None}, sort_keys=False)
 
 
 def _held_out_set(tokenizer, held_chats: list, config: TrainConfig, echo) -> tuple[list, list]:
@@ -575,15 +576,6 @@ def _check_resume_length(run_dir: Path, steps: int, at: int, finished: bool) -> 
                        f"with N > {at}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def _write_json(path: Path, value) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
-
-
 def _format(metrics: dict) -> str:
     parts = []
     for key, value in metrics.items():
@@ -602,7 +594,3 @@ def _comparison(before: dict, after: dict) -> str:
 
 def _yaml(values: dict) -> str:
     return yaml.safe_dump(values, sort_keys=False)
-
-
-def config_field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}

@@ -9,7 +9,6 @@ is checked before the folder is touched, so a failed start leaves an earlier run
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -17,8 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lorafit.errors import LorafitError
-from lorafit.files import write_json
+from lorafit.errors import LorafitError, brief
+from lorafit.files import USER_FIXABLE, write_json
 
 MARKER = "lorafit-run.json"
 CONFIG = "config.yaml"
@@ -104,12 +103,10 @@ def is_run_folder(run: Path) -> bool:
     return bool(names) and all(_is_temporary_of(name, _RUN_FILES) for name in names)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-    except ValueError:
-        return False
-    return True
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or somewhere under it (both resolved: links and '..' followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
 
 
 def check_output(run: Path, *, overwrite: bool, inputs: dict[str, Path]) -> None:
@@ -118,9 +115,8 @@ def check_output(run: Path, *, overwrite: bool, inputs: dict[str, Path]) -> None
     `inputs` maps a flag (`--data`) to the path it named: an output folder that is or holds one of them
     is refused whatever --overwrite says, since replacing the folder would delete the input.
     """
-    resolved = run.resolve()
     for flag, path in inputs.items():
-        if path is not None and _inside(Path(path).resolve(), resolved):
+        if path is not None and is_inside(path, run):
             raise LorafitError(f"--output {run} holds this run's input ({flag} {path}); replacing it would delete "
                                "that input: choose another --output")
     check_writable(run)
@@ -131,11 +127,11 @@ def check_output(run: Path, *, overwrite: bool, inputs: dict[str, Path]) -> None
                            f"there, or --resume {run} to continue it")
     if not is_run_folder(run):
         names = sorted(p.name for p in run.iterdir())
-        raise LorafitError(f"--overwrite: {run} is not a lorafit run folder (it holds {_brief(names)}); lorafit only "
+        raise LorafitError(f"--overwrite: {run} is not a lorafit run folder (it holds {brief(names)}); lorafit only "
                            "replaces folders it made: choose another --output")
     foreign = foreign_entries(run)
     if foreign:
-        raise LorafitError(f"--overwrite: {run} holds files lorafit did not write ({_brief(foreign)}); move them "
+        raise LorafitError(f"--overwrite: {run} holds files lorafit did not write ({brief(foreign)}); move them "
                            "out or choose another --output")
 
 
@@ -152,9 +148,7 @@ def check_writable(folder: Path) -> None:
     try:
         probe = tempfile.mkdtemp(prefix=".lorafit-write-check-", dir=existing)
     except OSError as err:
-        reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                  errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on the device",
-                  errno.EDQUOT: "disk quota exceeded"}.get(err.errno, err.strerror)
+        reason = USER_FIXABLE.get(err.errno, err.strerror)
         raise LorafitError(f"--output {folder}: cannot write in {existing}: {reason}") from None
     os.rmdir(probe)
 
@@ -163,7 +157,7 @@ def clear_run(run: Path) -> None:
     """Delete what an earlier run wrote in `run` (after check_output allowed --overwrite)."""
     foreign = foreign_entries(run)
     if foreign:  # checked before; checked again since files may have appeared while the model loaded
-        raise LorafitError(f"--overwrite: {run} holds files lorafit did not write ({_brief(foreign)})")
+        raise LorafitError(f"--overwrite: {run} holds files lorafit did not write ({brief(foreign)})")
     # The marker goes last: a kill midway leaves a folder still recognised as a run, which --overwrite
     # can clear again, rather than one lorafit would refuse to touch.
     for entry in sorted(run.iterdir(), key=lambda p: p.name == MARKER):
@@ -175,8 +169,3 @@ def clear_run(run: Path) -> None:
 
 def write_marker(run: Path, record: dict) -> None:
     write_json(run / MARKER, {"lorafit_run": 1, **record})
-
-
-def _brief(names: list[str], shown: int = 5) -> str:
-    more = f", ... {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
