@@ -42,6 +42,7 @@ def run_variant(variant: str, steps: int) -> dict:
     from sides import QV8, LorafitSide, load_base
 
     from lorafit.train import loop
+    from lorafit.train.step import choose_collate
 
     model, tokenizer = load_base()
     examples = DATASETS["date"](tokenizer)
@@ -49,9 +50,8 @@ def run_variant(variant: str, steps: int) -> dict:
     side = LorafitSide(model, tokenizer, QV8)
     if variant == "checkpointing":
         loop._set_activation_checkpointing(model, True)
-        settings = loop.LoopSettings(steps=1, gradient_checkpointing=True)
-        side.collate = loop._choose_collate(model, model.config.vocab_size, tokenizer.pad_token_id, settings,
-                                            echo=lambda _: None)
+        side.collate = choose_collate(model, model.config.vocab_size, tokenizer.pad_token_id, row_tokens=128,
+                                      gradient_checkpointing=True, echo=lambda _: None)
     elif variant.startswith("compile"):
         side.body = loop._compiled_body(model, "inductor", torch.device("cpu"), echo=lambda _: None)
     seconds, losses = [], []

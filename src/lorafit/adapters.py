@@ -10,17 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import nn
 
-from lorafit.config import BitFitConfig, IA3Config, LoraConfig
 from lorafit.errors import LorafitError
-from lorafit.methods.base import AdapterWrapper
+from lorafit.methods import method_of
+from lorafit.wrapper import AdapterWrapper
 
 DEFAULT_ADAPTER = "default"
-AdapterConfig = Union[LoraConfig, IA3Config, BitFitConfig]
 
 
 @dataclass
@@ -66,22 +64,18 @@ def _adapter_dtype(weight: torch.Tensor, requested: torch.dtype | None) -> torch
 
 def attach(
     model: nn.Module,
-    config: AdapterConfig,
+    config,
     adapter_name: str = DEFAULT_ADAPTER,
     *,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Add adapter `adapter_name` (LoRA, IA3 or BitFit, per the config's type) to `model` in place.
+    """Add adapter `adapter_name` (the method is the config's: LoraConfig, IA3Config, ...) to `model` in place.
 
     The new adapter becomes the active, trainable one; everything that is not an adapter parameter is
     frozen the first time. Returns `model` itself. On any error the model is left as it was. Refused
     while adapters are merged, since they would keep running beside the new one (see set_active_adapter).
     """
-    from lorafit.methods import METHODS
-
-    if not isinstance(config, (LoraConfig, IA3Config, BitFitConfig)):
-        raise LorafitError(f"attach needs a LoraConfig, IA3Config or BitFitConfig, got {type(config).__name__}")
-    method = METHODS[config.method]
+    method = method_of(config)
     _check_adapter_name(adapter_name)
     state = getattr(model, "lorafit_state", None)
     if isinstance(state, AdapterState) and adapter_name in state.configs:
@@ -99,7 +93,7 @@ def attach(
                 module = method.wrap(module)
                 _replace_module(model, path, module)
                 created.append(path)
-            elif not isinstance(module, method.WRAPPERS):
+            elif not isinstance(module, method.wrappers):
                 raise LorafitError(f"{path} already carries a {type(module).__name__} adapter; one method per module")
             method.add(module, adapter_name, config, path, _adapter_dtype(module.weight, dtype), model)
             module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
@@ -180,37 +174,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for (_, wrapper), was in zip(found, previous):
             wrapper.adapters_disabled = was
-
-
-@contextmanager
-def adapter_per_row(model: nn.Module, names: list[str]) -> Iterator[nn.Module]:
-    """Serve a batch whose row i uses LoRA adapter names[i] (multi-tenant inference, one forward).
-
-    Plain LoRA adapters on Linear/Conv1D layers, unmerged; the batch size must be len(names).
-    """
-    from lorafit.methods.lora import LoraLinear
-
-    state = state_of(model)
-    for name in names:
-        if name not in state.configs:
-            raise LorafitError(f"no adapter named {name!r}; the model has {', '.join(state.configs)}")
-        config = state.configs[name]
-        if not isinstance(config, LoraConfig) or config.use_dora or config.fused_slices:
-            raise LorafitError(f"adapter {name!r}: adapter_per_row serves plain LoRA adapters only")
-    found = list(wrappers(model))
-    for path, wrapper in found:
-        if not isinstance(wrapper, LoraLinear):
-            raise LorafitError(f"{path} is a {type(wrapper).__name__}: adapter_per_row serves LoRA on linear layers only")
-        if wrapper.merged_adapters:
-            raise LorafitError(f"adapters are merged into {path}; unmerge before serving them per row")
-    for _, wrapper in found:
-        wrapper.row_adapters = list(names)
-    try:
-        yield model
-    finally:
-        for _, wrapper in found:
-            wrapper.row_adapters = None
-            wrapper.__dict__.pop("_row_adapter_cache", None)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

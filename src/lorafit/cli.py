@@ -180,6 +180,24 @@ def _one_line_usage_error(rendered: str, command: str) -> str:
     return f"{re.sub(r'[ ]+', ' ', message)}; see lorafit {command} --help"
 
 
+_INVALID_CHOICE = re.compile(r"invalid choice '(?P<value>[^']*)' for argument '(?P<flag>--[\w-]+)'\.\s*"
+                             r"Expected one of \((?P<choices>[^)]*)\)")
+
+
+def _refuse_unknown_choice(rendered: str) -> None:
+    """A value outside a flag's choices (a Literal field: --method, --dtype, ...) is a setting lorafit refuses
+    (exit 1, like any value out of range), said the way lorafit says it: the closest choice, then all of them."""
+    match = _INVALID_CHOICE.search(re.sub(r"[\s│]+", " ", rendered))
+    if match is None:
+        return
+    value, option = match["value"], match["flag"]
+    choices = [c.strip().strip("'\"") for c in match["choices"].split(",")]
+    choices = [c for c in choices if c and c != "None"]  # None: the flag left out (an Optional field)
+    close = difflib.get_close_matches(value, choices, n=1)
+    raise LorafitError(f"{option} {value!r} is unknown" + (f" (did you mean {close[0]}?)" if close else "")
+                       + f"; use {', '.join(choices[:-1])} or {choices[-1]}")
+
+
 def parse(argv: list[str]):
     """(command name, config instance, runner, fields the user set) from the command line."""
     import tyro
@@ -205,6 +223,7 @@ def parse(argv: list[str]):
     except SystemExit as stop:
         if stop.code in (0, None):
             raise
+        _refuse_unknown_choice(rendered.getvalue())
         raise UsageError(_one_line_usage_error(rendered.getvalue(), name)) from None
     return name, config, runner, set(defaults) | flags_given(rest, config_class)
 

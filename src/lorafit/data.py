@@ -1,35 +1,26 @@
-"""Instruction data: read JSONL/JSON records in the common shapes, turn them into token ids and labels.
+"""Instruction data as training sequences: chat conversations to token ids and labels, the dataset, splits.
 
-Every record is normalised to chat messages first (`read_examples`), so tokenisation has one input
-form; labels are the token ids of what the model should learn to say, -100 everywhere else. Nothing a
-user wrote is dropped silently: a field the record's shape does not read is named in a note, and an
-example left with nothing to train on is dropped and counted in DataStats.
+Conversations come from lorafit.records, already normalised to chat messages. Labels are the token ids
+of what the model should learn to say, IGNORE_INDEX everywhere else; an example left with nothing to
+train on is dropped and counted in DataStats.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import sys
-import warnings
 from dataclasses import dataclass, field
 from itertools import groupby
-from pathlib import Path
 
-from jinja2 import TemplateError  # chat templates are jinja; transformers needs it for apply_chat_template
+# chat templates are jinja; transformers needs it for apply_chat_template
+from jinja2 import TemplateError
 
 from lorafit.errors import LorafitError
+from lorafit.records import (
+    TEXT_ROLE,
+    read_examples,  # noqa: F401  re-exported: the train and evaluate commands import it from here
+)
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
-CHAT_ROLES = ("system", "user", "assistant")
-TEXT_ROLE = "text"  # a lone {"role": "text"} message: train on the whole text, no template
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-CHAT_MESSAGE_KEYS = ("role", "content")
-SHAREGPT_MESSAGE_KEYS = ("from", "value")
-ALPACA_KEYS = ("instruction", "input", "output", "system", "history")  # LLaMA-Factory's alpaca columns
-ACCEPTED_SHAPES = (
-    "'messages' (chat), 'conversations' (ShareGPT), 'instruction'+'output' (alpaca), 'prompt'+'completion', 'text'"
-)
 OVERFLOW_CHOICES = ("truncate", "skip")
 DROPPED_TOO_LONG = "longer than max_length"
 DROPPED_ALL_MASKED = "no trained tokens"
@@ -49,349 +40,6 @@ PLAIN_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
 )
-
-
-# --- reading records ------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedExamples:
-    """What read_examples made of a data file: the conversations, and one note per field it did not use.
-
-    The notes exist so that nothing a user wrote disappears unmentioned: a field lorafit does not read
-    (an 'id', a message's 'name', ShareGPT's 'tools') is named once, with how many records hold it.
-    """
-
-    conversations: list[list[dict]]
-    ignored: list[str]
-
-
-def read_examples(path: str | Path) -> LoadedExamples:
-    """Read a JSONL file (one object per line) or a JSON list of objects as chat conversations.
-
-    Each conversation is a list of {"role", "content"} dicts with roles system/user/assistant, or a
-    single {"role": "text"} message for plain-text records. The format is told by content, not by
-    the file's extension: a file whose first character is '[' is a JSON list, anything else JSONL.
-    Fields that the record's shape does not read are listed in `ignored`, one note per field.
-    """
-    path = Path(path)
-    located_records = _read_records(path)
-    conversations = []
-    unused_at: dict[str, list] = {}  # field -> [how many records hold it, where the first one is]
-    for where, record in located_records:
-        turns, unused = _normalise(record, where)
-        conversations.append(turns)
-        for name in unused:
-            unused_at.setdefault(name, [0, where])[0] += 1
-    notes = [
-        f"{path}: field {name!r} is not used ({count} of {len(located_records)} records; first at {first})"
-        for name, (count, first) in unused_at.items()
-    ]
-    return LoadedExamples(conversations, notes)
-
-
-def load_examples(path: str | Path) -> list[list[dict]]:
-    """The conversations of read_examples(path); each note about an unused field becomes a warning.
-
-    For library callers that want only the conversations: the warnings make sure they still learn
-    which of their fields had no effect.
-    """
-    loaded = read_examples(path)
-    for note in loaded.ignored:
-        warnings.warn(note, stacklevel=2)
-    return loaded.conversations
-
-
-def _read_records(path: Path) -> list[tuple[str, object]]:
-    """The file's parsed records, each with where it is: 'file:line' (JSONL) or 'file[index]' (a list)."""
-    text = _read_utf8(path)
-    if text.lstrip().startswith("["):
-        located_records = _parse_json_list(path, text)
-    else:
-        located_records = _parse_jsonl(path, text)
-    if not located_records:
-        raise LorafitError(f"{path}: no records (the file is empty or holds only blank lines)")
-    return located_records
-
-
-def _read_utf8(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LorafitError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise LorafitError(f"{path}: is a directory; expected a .jsonl or .json file") from None
-    except OSError as err:
-        raise LorafitError(f"{path}: cannot read the data file ({err.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise LorafitError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8"
-        ) from None
-    return text.removeprefix("\ufeff")  # editors on Windows like to add a byte-order mark
-
-
-def _parse_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
-    records = []
-    # split on "\n" only: str.splitlines would also split on U+2028, which JSON allows inside strings
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            if _is_one_json_object(text):
-                raise LorafitError(
-                    f"{path}: the file holds a single JSON object; expected one object per line "
-                    "(JSONL) or a JSON list of objects"
-                ) from None
-            raise LorafitError(f"{path}:{number}: malformed JSON: {err.msg} (column {err.colno})") from None
-        except (RecursionError, ValueError) as err:
-            raise LorafitError(f"{path}:{number}: {_beyond_parser_limits(err)}") from None
-    return records
-
-
-def _is_one_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except (RecursionError, ValueError):  # ValueError includes JSONDecodeError
-        return False
-
-
-def _parse_json_list(path: Path, text: str) -> list[tuple[str, object]]:
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LorafitError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
-    except (RecursionError, ValueError) as err:
-        raise LorafitError(f"{_locate_refused_record(path, text)}: {_beyond_parser_limits(err)}") from None
-    return [(f"{path}[{index}]", record) for index, record in enumerate(records)]
-
-
-def _beyond_parser_limits(err: Exception) -> str:
-    """Why Python's JSON parser refused valid JSON: it recurses once per nesting level and caps integer size."""
-    if isinstance(err, RecursionError):
-        return "a value is nested too deeply for Python's JSON parser (its recursion limit); flatten it"
-    if "integer string conversion" in str(err):
-        return (
-            f"an integer has more than {sys.get_int_max_str_digits()} digits, the most Python's JSON parser "
-            "reads; write it as a string"
-        )
-    return f"Python's JSON parser refused it: {err}"
-
-
-def _locate_refused_record(path: Path, text: str) -> str:
-    """'file:line: record [i]' for the list element the parser refuses, found by parsing one element at a time.
-
-    The parser reports no position for a RecursionError or an oversized integer, so the elements before
-    the refused one are decoded again to find where it starts; just the file when that fails too.
-    """
-    decoder = json.JSONDecoder()
-    position, index = _skip_json_space(text, text.index("[") + 1), 0
-    while position < len(text) and text[position] != "]":
-        start = position
-        try:
-            _, position = decoder.raw_decode(text, start)
-        except (RecursionError, ValueError):
-            return f"{path}:{text.count(chr(10), 0, start) + 1}: record [{index}]"
-        position = _skip_json_space(text, position)
-        if not text.startswith(",", position):
-            break
-        position, index = _skip_json_space(text, position + 1), index + 1
-    return str(path)
-
-
-def _skip_json_space(text: str, position: int) -> int:
-    while position < len(text) and text[position] in " \t\n\r":
-        position += 1
-    return position
-
-
-def _normalise(record: object, where: str) -> tuple[list[dict], list[str]]:
-    """Map one record of any accepted shape to chat messages, and name the fields that shape does not read.
-
-    `where` is 'file:line' or 'file[index]'. Unused fields come back as 'id' for a record's own keys and
-    'messages[].name' for keys inside a list of messages, so a note can count records per field.
-    """
-    if not isinstance(record, dict):
-        raise LorafitError(f"{where}: expected a JSON object, got {_json_type(record)}")
-    if "messages" in record:
-        turns = _from_chat(record["messages"], where)
-        return turns, _unused_fields(record, ("messages",), {"messages": CHAT_MESSAGE_KEYS})
-    if "conversations" in record:
-        turns = _from_sharegpt(record, where)
-        return turns, _unused_fields(record, ("conversations", "system"), {"conversations": SHAREGPT_MESSAGE_KEYS})
-    if "instruction" in record and "output" in record:
-        return _from_alpaca(record, where), _unused_fields(record, ALPACA_KEYS, {})
-    if "prompt" in record and "completion" in record:
-        turns = _from_prompt_completion(record, where)
-        lists = {key: CHAT_MESSAGE_KEYS for key in ("prompt", "completion") if isinstance(record[key], list)}
-        return turns, _unused_fields(record, ("prompt", "completion"), lists)
-    if "text" in record:
-        turns = [{"role": TEXT_ROLE, "content": _string(record["text"], where, "text")}]
-        return turns, _unused_fields(record, ("text",), {})
-    raise LorafitError(
-        f"{where}: record with keys {sorted(record)} matches no accepted shape; expected {ACCEPTED_SHAPES}"
-    )
-
-
-def _unused_fields(record: dict, used: tuple[str, ...], message_lists: dict[str, tuple[str, ...]]) -> list[str]:
-    """The record's keys outside `used`, then 'field[].key' for message keys outside those the shape reads.
-
-    Called after the record was converted, so each field in message_lists is a list of objects.
-    """
-    unused = [key for key in record if key not in used]
-    for list_name, message_keys in message_lists.items():
-        inner = (key for message in record[list_name] for key in message if key not in message_keys)
-        unused += [f"{list_name}[].{key}" for key in dict.fromkeys(inner)]
-    return unused
-
-
-def _from_chat(messages: object, where: str) -> list[dict]:
-    return _check_turn_order(_chat_turns(messages, where, "messages"), where, "messages")
-
-
-def _chat_turns(messages: object, where: str, field: str) -> list[dict]:
-    """Validate a list of {"role", "content"} messages (the OpenAI / TRL form) and copy out those two keys."""
-    turns = []
-    for index, message in enumerate(_list_of_objects(messages, where, field)):
-        item = f"{field}[{index}]"
-        if "role" not in message or "content" not in message:
-            raise LorafitError(f"{where}: {item} needs 'role' and 'content' keys, has {sorted(message)}")
-        role = _string(message["role"], where, f"{item}.role")
-        if role not in CHAT_ROLES:
-            raise LorafitError(f"{where}: {item}.role {role!r} is not one of {', '.join(CHAT_ROLES)}")
-        turns.append({"role": role, "content": _string(message["content"], where, f"{item}.content")})
-    return turns
-
-
-def _from_sharegpt(record: dict, where: str) -> list[dict]:
-    """ShareGPT turns; the record's optional 'system' string becomes a system message before them."""
-    turns = []
-    for index, message in enumerate(_list_of_objects(record["conversations"], where, "conversations")):
-        field = f"conversations[{index}]"
-        if "from" not in message or "value" not in message:
-            raise LorafitError(f"{where}: {field} needs 'from' and 'value' keys, has {sorted(message)}")
-        speaker = _string(message["from"], where, f"{field}.from")
-        if speaker not in SHAREGPT_ROLES:
-            raise LorafitError(f"{where}: {field}.from {speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}")
-        turns.append({"role": SHAREGPT_ROLES[speaker], "content": _string(message["value"], where, f"{field}.value")})
-    system = _optional_string(record.get("system"), where, "system")
-    if system:
-        if any(turn["role"] == "system" for turn in turns):
-            # two system prompts would each reach the template; which one the user meant is not ours to pick
-            raise LorafitError(
-                f"{where}: both 'system' and a system turn in conversations give a system prompt; keep one"
-            )
-        turns.insert(0, {"role": "system", "content": system})
-    return _check_turn_order(turns, where, "conversations")
-
-
-def _from_alpaca(record: dict, where: str) -> list[dict]:
-    """Alpaca (LLaMA-Factory's form): optional system, then history's earlier turns, then instruction+input."""
-    instruction = _string(record["instruction"], where, "instruction")
-    extra_input = _optional_string(record.get("input"), where, "input")
-    system = _optional_string(record.get("system"), where, "system")
-    user = instruction + ("\n\n" + extra_input if extra_input else "")
-    turns = [{"role": "system", "content": system}] if system else []
-    return turns + _alpaca_history(record.get("history"), where) + [
-        {"role": "user", "content": user},
-        {"role": "assistant", "content": _string(record["output"], where, "output")},
-    ]
-
-
-def _alpaca_history(history: object, where: str) -> list[dict]:
-    """Alpaca 'history': [instruction, response] pairs, oldest first, that precede the record's instruction."""
-    if history is None:
-        return []
-    if not isinstance(history, list):
-        raise LorafitError(
-            f"{where}: history must be a list of [instruction, response] pairs, got {_json_type(history)}"
-        )
-    turns = []
-    for index, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2):
-            shape = f"a list of {len(pair)}" if isinstance(pair, list) and pair else _json_type(pair)
-            raise LorafitError(f"{where}: history[{index}] must be an [instruction, response] pair, got {shape}")
-        turns.append({"role": "user", "content": _string(pair[0], where, f"history[{index}][0]")})
-        turns.append({"role": "assistant", "content": _string(pair[1], where, f"history[{index}][1]")})
-    return turns
-
-
-def _from_prompt_completion(record: dict, where: str) -> list[dict]:
-    """Prompt/completion, each a string or (TRL's conversational form) a list of {"role", "content"} messages.
-
-    The completion is what the model learns to say, so its messages must all be assistant turns. The
-    prompt may not hold assistant turns: lorafit trains every assistant turn, while this form promises
-    a loss on the completion only, so such data is pointed to 'messages', which says what it does.
-    """
-    prompt_turns = _side_turns(record["prompt"], where, "prompt", string_role="user")
-    completion_turns = _side_turns(record["completion"], where, "completion", string_role="assistant")
-    for index, turn in enumerate(prompt_turns):
-        if turn["role"] == "assistant":
-            raise LorafitError(
-                f"{where}: prompt[{index}] is an assistant turn, which lorafit would train on (it trains every "
-                "assistant turn, not only the completion); give the whole conversation as 'messages' instead"
-            )
-    for index, turn in enumerate(completion_turns):
-        if turn["role"] != "assistant":
-            raise LorafitError(f"{where}: completion[{index}].role must be 'assistant', got {turn['role']!r}")
-    if not any(turn["role"] == "user" for turn in prompt_turns):
-        raise LorafitError(f"{where}: prompt has no user turn for the completion to answer")
-    return prompt_turns + completion_turns
-
-
-def _side_turns(value: object, where: str, field: str, string_role: str) -> list[dict]:
-    """One side of a prompt/completion record as turns: a string is one turn in string_role."""
-    if isinstance(value, list):
-        return _chat_turns(value, where, field)
-    if not isinstance(value, str):
-        raise LorafitError(f"{where}: {field} must be a string or a list of messages, got {_json_type(value)}")
-    return [{"role": string_role, "content": value}]
-
-
-def _check_turn_order(turns: list[dict], where: str, field: str) -> list[dict]:
-    """A conversation needs an assistant turn to train on, and a user turn before it to answer."""
-    roles = [turn["role"] for turn in turns]
-    if "assistant" not in roles:
-        raise LorafitError(f"{where}: {field} has no assistant turn, so there is nothing to train on")
-    if "user" not in roles[: roles.index("assistant")]:
-        raise LorafitError(f"{where}: {field} has an assistant turn before any user turn")
-    return turns
-
-
-def _list_of_objects(value: object, where: str, field: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise LorafitError(f"{where}: {field} must be a non-empty list of objects, got {_json_type(value)}")
-    for index, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise LorafitError(f"{where}: {field}[{index}] must be an object, got {_json_type(item)}")
-    return value
-
-
-def _string(value: object, where: str, field: str) -> str:
-    if not isinstance(value, str):
-        raise LorafitError(f"{where}: {field} must be a string, got {_json_type(value)}")
-    return value
-
-
-def _optional_string(value: object, where: str, field: str) -> str:
-    return "" if value is None else _string(value, where, field)
-
-
-def _json_type(value: object) -> str:
-    """Name a parsed JSON value's type the way the user's file spells it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, list):
-        return "an empty list" if not value else "a list"
-    return {str: "a string", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 # --- tokenising -----------------------------------------------------------------------------------
@@ -703,7 +351,7 @@ def render_example(tokenizer, example: TokenizedExample) -> str:
     return text
 
 
-def split_examples(items: list, held_out: float | int, seed: int) -> tuple[list, list]:
+def split_examples(items: list, held_out: float, seed: int) -> tuple[list, list]:
     """Split items into (train, held_out) by a seeded shuffle; both keep the items' original order.
 
     held_out is a fraction in [0, 1) or a count; a non-zero fraction holds out at least one item.
@@ -722,7 +370,7 @@ def split_examples(items: list, held_out: float | int, seed: int) -> tuple[list,
     return train, held
 
 
-def _held_out_count(held_out: float | int, total: int) -> int:
+def _held_out_count(held_out: float, total: int) -> int:
     if isinstance(held_out, bool) or not isinstance(held_out, (int, float)):
         raise LorafitError(f"held-out must be a fraction or a count, got {held_out!r}")
     if isinstance(held_out, float):

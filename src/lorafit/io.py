@@ -1,19 +1,18 @@
 """Adapters on disk in peft's format, both directions, so they move freely to peft, vLLM and back.
 
 A folder holds `adapter_config.json` (only keys peft knows) and `adapter_model.safetensors` with keys
-`base_model.model.<module path>.<tensor>`: LoRA's `lora_A.weight` (r×in) / `lora_B.weight` (out×r),
-embeddings' `lora_embedding_A` / `lora_embedding_B`, DoRA's `lora_magnitude_vector`, IA3's `ia3_l`.
-BitFit, which peft lacks, uses the same layout with `peft_type: "BITFIT"` and the biases as `<path>.bias`.
-Loading never unpickles anything unless the caller passes `allow_pickle=True`, and every mismatch is
-an error that names the key.
+`base_model.model.<module path>.<tensor suffix>`. What the suffixes and config keys are is each
+method's (`Method.file_config` / `config_from_file`, and its wrappers' `file_suffixes`); this module
+does the rest for every method: atomic writes, strict reading, checking every key and shape before
+anything is copied. Loading never unpickles anything unless the caller passes `allow_pickle=True`,
+and every mismatch is an error that names the key.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,19 +20,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lorafit import __version__
-from lorafit.adapters import AdapterState, attach, delete_adapter, set_active_adapter, state_of
-from lorafit.config import BitFitConfig, FusedSlices, IA3Config, LoraConfig
+from lorafit.adapters import (
+    AdapterState,
+    attach,
+    delete_adapter,
+    set_active_adapter,
+    state_of,
+)
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_path, write_json
-from lorafit.methods.lora import LoraEmbedding
-from lorafit.targeting import matches_selection, select_modules
+from lorafit.identity import METADATA_KEY
+from lorafit.methods import method_for_peft_type, method_of, methods
+from lorafit.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "BITFIT": "bitfit"}
 
 # adapter_config.json keys peft writes that say nothing about the weights lorafit loads.
 _IGNORED_KEYS = {
@@ -49,17 +52,6 @@ _UNSUPPORTED_WHEN_SET = {
     "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config",
     "lora_ga_config", "monteclora_config", "velora_config",
 }
-_KNOWN_KEYS = {
-    "lora": {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-             "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias",
-             "use_dora"},
-    "ia3": {"peft_type", "target_modules", "feedforward_modules", "exclude_modules"},
-    "bitfit": {"peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-               "add_missing_bias", "train_head"},
-}
-_REQUIRED_KEYS = {"lora": ("r", "lora_alpha", "target_modules"), "ia3": ("target_modules",), "bitfit": ("target_modules",)}
-
-
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
@@ -73,36 +65,6 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
-def _short_names(paths: list[str]) -> list[str]:
-    return sorted({p.rsplit(".", 1)[-1] for p in paths})
-
-
-def _exported_targets(model: nn.Module, config, paths: list[str], with_layers: bool = True) -> dict:
-    """target_modules (+ layers) for the file: short names when they reselect exactly `paths`, else full paths.
-
-    Reselection uses the same rules as peft, so the file selects the same modules in peft and lorafit.
-    `with_layers=False` is for peft configs without layers_to_transform (IA3): full paths then.
-    """
-    from lorafit.methods.bitfit import bias_types
-
-    if not with_layers:
-        if config.layers is not None:
-            return {"target_modules": list(paths), "exclude_modules": None}
-        exported = _exported_targets(model, config, paths)
-        return {"target_modules": exported["target_modules"], "exclude_modules": exported["exclude_modules"]}
-    short = _short_names(paths)
-    candidate = {"target_modules": short, "exclude_modules": config.exclude_modules,
-                 "layers_to_transform": config.layers, "layers_pattern": config.layers_pattern}
-    try:
-        check = LoraConfig(target_modules=short, exclude_modules=config.exclude_modules, layers=config.layers,
-                           layers_pattern=config.layers_pattern)
-        if select_modules(model, check, allowed_types=bias_types() + (nn.Embedding,)) == paths:
-            return candidate
-    except LorafitError:
-        pass
-    return {"target_modules": list(paths), "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}
-
-
 def _single_adapter(model: nn.Module, adapter_name: str | None) -> str:
     state = state_of(model)
     if adapter_name is not None:
@@ -112,53 +74,6 @@ def _single_adapter(model: nn.Module, adapter_name: str | None) -> str:
     if len(state.active) != 1:
         raise LorafitError(f"{len(state.active)} adapters are active; name the one to save (adapter_name=...)")
     return state.active[0]
-
-
-def _lora_file_config(model, config: LoraConfig, paths: list[str], name: str) -> tuple[dict, dict]:
-    """peft's LoRA keys; modules whose saved rank differs (slices, PiSSA) get rank/alpha pattern entries."""
-    rank_pattern, alpha_pattern, slices_meta = dict(config.rank_pattern), dict(config.alpha_pattern), {}
-    fan_in_fan_out = False
-    for path in paths:
-        wrapper = model.get_submodule(path)
-        fan_in_fan_out |= wrapper.fan_in_fan_out
-        spec = wrapper.specs[name]
-        rank = wrapper.file_rank(name)
-        if rank != spec.rank:  # the same s·B·A with rank r': alpha' keeps alpha'/r' (or alpha'/sqrt(r')) = s
-            key = re.escape(path)
-            rank_pattern = {key: rank, **rank_pattern}
-            alpha_pattern = {key: spec.scaling * rank ** (0.5 if config.use_rslora else 1.0), **alpha_pattern}
-        if spec.slices is not None:
-            slices_meta[path] = {**asdict(spec.slices), "rank": config.rank_for(path), "alpha": config.alpha_for(path)}
-    file_config = {
-        "peft_type": "LORA", "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-        **_exported_targets(model, config, paths),
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
-        # a PiSSA adapter is saved converted to a plain LoRA: peft must not run PiSSA's SVD again on load
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-        "modules_to_save": None,
-    }
-    metadata = {"lorafit_fused_slices": json.dumps(slices_meta)} if slices_meta else {}
-    return file_config, metadata
-
-
-def _ia3_file_config(model, config: IA3Config, paths: list[str], name: str) -> dict:
-    """peft's IA3 keys. peft wants feedforward_modules a subset of target_modules, string for string."""
-    targets = _exported_targets(model, config, paths, with_layers=False)
-    feedforward_paths = [p for p in paths if model.get_submodule(p).feedforward[name]]
-    feedforward = _short_names(feedforward_paths)
-    reselects = [p for p in paths if matches_selection(feedforward, p)] == feedforward_paths
-    if not reselects or not set(feedforward) <= set(targets["target_modules"]):
-        targets = {"target_modules": list(paths), "exclude_modules": None}
-        feedforward = feedforward_paths
-    return {"peft_type": "IA3", **targets, "feedforward_modules": feedforward,
-            "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in paths),
-            "init_ia3_weights": True, "modules_to_save": None}
-
-
-def _bitfit_file_config(model, config: BitFitConfig, paths: list[str]) -> dict:
-    return {"peft_type": "BITFIT", "lorafit_method": "bitfit", **_exported_targets(model, config, paths),
-            "add_missing_bias": config.add_missing_bias, "train_head": config.train_head}
 
 
 def save_adapter(
@@ -184,17 +99,9 @@ def save_adapter(
         for suffix, tensor in model.get_submodule(path).file_tensors(name).items():
             tensors[f"{KEY_PREFIX}{path}.{suffix}"] = tensor.detach().to("cpu").contiguous().clone()
 
-    metadata = {"format": "pt", "lorafit_version": __version__}
-    if isinstance(config, LoraConfig):
-        method_config, extra_metadata = _lora_file_config(model, config, paths, name)
-        metadata.update(extra_metadata)
-    elif isinstance(config, IA3Config):
-        method_config = _ia3_file_config(model, config, paths, name)
-    else:
-        method_config = _bitfit_file_config(model, config, paths)
+    method_config, method_metadata = method_of(config).file_config(model, config, paths, name)
+    metadata = {"format": "pt", "lorafit_version": __version__, **method_metadata}
     if base_model is not None:
-        from lorafit.identity import METADATA_KEY
-
         metadata[METADATA_KEY] = json.dumps(base_model)
     nonfinite = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
     if nonfinite:
@@ -232,45 +139,24 @@ def read_adapter_config(folder: Path) -> dict:
     if not isinstance(raw, dict):
         raise LorafitError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type")
-    if peft_type not in PEFT_TYPES:
-        raise LorafitError(f"{path}: peft_type {peft_type!r} is not supported (lorafit loads {', '.join(PEFT_TYPES)})")
-    method = PEFT_TYPES[peft_type]
-    for key in _REQUIRED_KEYS[method]:
+    method = method_for_peft_type(peft_type)
+    if method is None:
+        supported = ", ".join(m.peft_type for m in methods())
+        raise LorafitError(f"{path}: peft_type {peft_type!r} is not supported (lorafit loads {supported})")
+    for key in method.required_file_keys:
         if key not in raw:
             raise LorafitError(f"{path}: required key {key!r} is missing")
+    other_methods_keys = {key for m in methods() if m is not method for key in m.file_keys}
     for key, value in raw.items():
-        if key in _KNOWN_KEYS[method] or key in _IGNORED_KEYS:
+        if key in method.file_keys or key in _IGNORED_KEYS:
             continue
-        if key in _UNSUPPORTED_WHEN_SET or key in _KNOWN_KEYS["lora"]:
+        if key in _UNSUPPORTED_WHEN_SET or key in other_methods_keys:
             if value not in (None, False, {}, [], ""):
                 raise LorafitError(f"{path}: {key} = {json.dumps(value)} is a peft feature lorafit does not support"
-                                   + ("" if method == "lora" else f" for {peft_type}"))
+                                   + ("" if method.name == "lora" else f" for {peft_type}"))
         elif value not in (None, False, {}, [], ""):
             warnings.warn(f"{path}: unknown key {key!r} ignored", stacklevel=3)
-    if raw.get("bias", "none") != "none":
-        raise LorafitError(f"{path}: bias = {raw['bias']!r}; lorafit loads LoRA adapters with bias 'none' only")
     return raw
-
-
-def config_from_file(raw: dict, where: Path):
-    """The lorafit config an adapter_config.json describes."""
-    method = PEFT_TYPES[raw["peft_type"]]
-    selection = {"target_modules": raw["target_modules"], "exclude_modules": raw.get("exclude_modules"),
-                 "layers": raw.get("layers_to_transform"),
-                 "layers_pattern": raw.get("layers_pattern") if raw.get("layers_to_transform") is not None else None}
-    try:
-        if method == "ia3":
-            return IA3Config(**selection, feedforward_modules=raw.get("feedforward_modules"))
-        if method == "bitfit":
-            return BitFitConfig(**selection, add_missing_bias=bool(raw.get("add_missing_bias", False)),
-                                train_head=bool(raw.get("train_head", False)))
-        return LoraConfig(
-            r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout") or 0.0, **selection,
-            rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
-            use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)),
-        )
-    except LorafitError as err:
-        raise LorafitError(f"{where / CONFIG_NAME}: {err}") from None
 
 
 def _read_weights(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict]:
@@ -291,24 +177,6 @@ def _read_weights(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Ten
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise LorafitError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from None
     return tensors, metadata
-
-
-def _apply_slice_metadata(config: LoraConfig, metadata: dict, where: Path) -> LoraConfig:
-    """Give back fused-slice adapters their packed form, from what save_adapter put in the metadata."""
-    text = metadata.get("lorafit_fused_slices")
-    if not text or not isinstance(config, LoraConfig):
-        return config
-    try:
-        layout = json.loads(text)
-        slices = {re.escape(p): FusedSlices(v["names"], v["sizes"], v["adapt"]) for p, v in layout.items()}
-        ranks = {re.escape(p): v["rank"] for p, v in layout.items()}
-        alphas = {re.escape(p): v["alpha"] for p, v in layout.items()}
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, LorafitError) as err:
-        raise LorafitError(f"{where / WEIGHTS_NAME}: unreadable lorafit_fused_slices metadata ({err})") from None
-    rank_pattern = {**ranks, **{k: v for k, v in config.rank_pattern.items() if k not in ranks}}
-    alpha_pattern = {**alphas, **{k: v for k, v in config.alpha_pattern.items() if k not in alphas}}
-    return LoraConfig(**{**config.to_dict(), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-                         "fused_slices": slices})
 
 
 def load_adapter(
@@ -334,7 +202,7 @@ def load_adapter(
         raise LorafitError(f"{folder} is a file; give the adapter folder (with {CONFIG_NAME})")
     raw = read_adapter_config(folder)
     tensors, metadata = _read_weights(folder, allow_pickle)
-    config = _apply_slice_metadata(config_from_file(raw, folder), metadata, folder)
+    config = method_for_peft_type(raw["peft_type"]).config_from_file(raw, metadata, folder / CONFIG_NAME)
     if not tensors:
         raise LorafitError(f"{folder / WEIGHTS_NAME} holds no tensors")
     for key in tensors:
@@ -421,7 +289,7 @@ def _base_weight(wrapper: nn.Module, path: str, name: str, remaining: dict, wher
     `remaining` and check it fits. One adapter per embedding may bring one, since the module has one weight.
     """
     key = f"{KEY_PREFIX}{path}.base_layer.weight"
-    if not isinstance(wrapper, LoraEmbedding) or key not in remaining:
+    if not wrapper.takes_base_weight_from_file or key not in remaining:
         return None
     weight = remaining.pop(key)
     if tuple(weight.shape) != tuple(wrapper.base_layer.weight.shape):

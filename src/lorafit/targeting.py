@@ -18,8 +18,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from lorafit.config import ALL_LINEAR
+from lorafit.base_layer import linear_types
+from lorafit.config import ALL_LINEAR, Selection
 from lorafit.errors import LorafitError
+from lorafit.wrapper import AdapterWrapper
 
 # The usual LoRA targets per architecture (config.model_type) when the user names none: q and v of
 # attention, or the fused qkv projection where the model has one (the seed's LLaMA and ChatGLM choices).
@@ -47,15 +49,13 @@ DEFAULT_TARGETS = {
 }
 
 
-def linear_types() -> tuple[type, ...]:
-    """nn.Linear and transformers' Conv1D (GPT-2's transposed linear layer)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D)
-
-
 def adaptable_types() -> tuple[type, ...]:
     return linear_types() + (nn.Embedding,)
+
+
+def bias_types() -> tuple[type, ...]:
+    """Modules whose output is f(x) + b with b along the last dimension (what BitFit can train)."""
+    return linear_types() + (nn.LayerNorm,)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -125,7 +125,7 @@ def select_modules(model: nn.Module, config, allowed_types: tuple[type, ...] | N
     lorafit are looked at through their `base_layer`, so a second adapter can target the same layers.
     """
     allowed_types = allowed_types or adaptable_types()
-    modules = {path: m for path, m in model.named_modules() if path and not _inside_wrapper(path)}
+    modules = _candidate_modules(model)
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     model_name = type(model).__name__
 
@@ -180,12 +180,45 @@ def select_modules(model: nn.Module, config, allowed_types: tuple[type, ...] | N
     return chosen
 
 
-def _inside_wrapper(path: str) -> bool:
-    """Paths below a lorafit wrapper (its base layer, its adapter parameters) are not candidates."""
-    return ".base_layer" in path or any(part.startswith(("lora_", "ia3_")) for part in path.split("."))
+def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every named module except those inside a lorafit wrapper (its base layer, its adapters' parts)."""
+    modules, wrapped = {}, []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(w + ".") for w in wrapped):
+            continue
+        modules[path] = module
+        if isinstance(module, AdapterWrapper):
+            wrapped.append(path)
+    return modules
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
-    from lorafit.methods.base import AdapterWrapper
-
     return module.base_layer if isinstance(module, AdapterWrapper) else module
+
+
+def short_names(paths: list[str]) -> list[str]:
+    return sorted({p.rsplit(".", 1)[-1] for p in paths})
+
+
+def portable_targets(model: nn.Module, config, paths: list[str], with_layers: bool = True) -> dict:
+    """target_modules (+ layers) for a file: short names when they reselect exactly `paths`, else full paths.
+
+    Reselection uses the same rules as peft, so the file selects the same modules in peft and lorafit.
+    `with_layers=False` is for peft configs without layers_to_transform (IA3): full paths then.
+    """
+    if not with_layers:
+        if config.layers is not None:
+            return {"target_modules": list(paths), "exclude_modules": None}
+        exported = portable_targets(model, config, paths)
+        return {"target_modules": exported["target_modules"], "exclude_modules": exported["exclude_modules"]}
+    short = short_names(paths)
+    candidate = {"target_modules": short, "exclude_modules": config.exclude_modules,
+                 "layers_to_transform": config.layers, "layers_pattern": config.layers_pattern}
+    try:
+        check = Selection(target_modules=short, exclude_modules=config.exclude_modules, layers=config.layers,
+                          layers_pattern=config.layers_pattern)
+        if select_modules(model, check, allowed_types=bias_types() + (nn.Embedding,)) == paths:
+            return candidate
+    except LorafitError:
+        pass
+    return {"target_modules": list(paths), "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}

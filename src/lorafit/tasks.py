@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date, timedelta
 
 from lorafit.errors import LorafitError
@@ -101,3 +102,17 @@ def evaluation_pairs(conversations: list[list[dict]]) -> list[tuple[list[dict], 
 def exact_match(prediction: str, reference: str) -> bool:
     """Whether the generated reply is the reference, ignoring surrounding whitespace only."""
     return prediction.strip() == reference.strip()
+
+
+@dataclass
+class BuiltinTaskPreset:
+    """Settings that make the built-in date task learn on 2 CPU cores in a few minutes (measured)."""
+
+    train_examples: int = 2000
+    held_out_examples: int = 100
+    steps: int = 100
+    lr: float = 2e-3
+    warmup_steps: int = 10
+
+
+BUILTIN = BuiltinTaskPreset()

@@ -8,21 +8,26 @@ import torch.nn.functional as F
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.data import TokenizedExample
+from lorafit.data import IGNORE_INDEX, TokenizedExample
 from lorafit.train.batching import (
-    IGNORE,
     collate_packed,
     collate_padded,
     collate_pieces,
     collate_shared_prefix,
+    plan_batches,
+    shared_prefix_length,
+)
+from lorafit.train.forward import (
     forward_hidden,
     grouped_key_value_heads,
     packing_is_exact,
-    plan_batches,
     prefix_sharing_is_exact,
-    shared_prefix_length,
 )
-from lorafit.train.loss import FrozenHeadCrossEntropy, _softmax_cross_entropy_, summed_token_loss
+from lorafit.train.loss import (
+    FrozenHeadCrossEntropy,
+    _softmax_cross_entropy_,
+    summed_token_loss,
+)
 from tests.conftest import random_examples, randomize_adapters, tiny_gpt2, tiny_llama
 
 
@@ -36,7 +41,7 @@ def _reference_loss(model, examples):
     for example in examples:
         logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
         targets = torch.tensor(example.labels[1:])
-        total = total + F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        total = total + F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total
 
 
@@ -60,7 +65,7 @@ def test_loss_and_gradients_equal_the_one_by_one_reference(build, collate):
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             torch.testing.assert_close(ours[name], parameter.grad, atol=1e-5, rtol=1e-4)
-    assert batch.label_tokens == sum(sum(t != IGNORE for t in e.labels[1:]) for e in examples)
+    assert batch.label_tokens == sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in examples)
     assert batch.real_tokens == sum(len(e.input_ids) for e in examples)
 
 
@@ -73,7 +78,7 @@ def test_packing_puts_examples_in_few_rows_without_padding_waste():
     # no target crosses an example boundary: the last token of each example predicts nothing
     targets = batch.targets[0].tolist()
     starts = [i for i, p in enumerate(positions) if p == 0][1:]
-    assert all(targets[s - 1] == IGNORE for s in starts)
+    assert all(targets[s - 1] == IGNORE_INDEX for s in starts)
 
 
 def test_chunked_head_equals_a_single_chunk():
@@ -182,7 +187,7 @@ def _examples_with_a_shared_prompt(count=5, prefix_length=20, seed=0):
         own = torch.randint(1, 64, (int(torch.randint(3, 9, (1,), generator=generator)),), generator=generator).tolist()
         reply = torch.randint(1, 64, (int(torch.randint(2, 6, (1,), generator=generator)),), generator=generator).tolist()
         ids = prompt + own + reply
-        examples.append(TokenizedExample(ids, [IGNORE] * (len(prompt) + len(own)) + reply))
+        examples.append(TokenizedExample(ids, [IGNORE_INDEX] * (len(prompt) + len(own)) + reply))
     return examples
 
 
@@ -205,18 +210,18 @@ def test_shared_prefix_batches_give_the_reference_loss_and_gradients(build):
     reference = _reference_loss(model, examples)
     reference.backward()
     assert abs(loss.item() - reference.item()) <= 1e-4 * reference.item()
-    assert batch.label_tokens == sum(sum(t != IGNORE for t in e.labels[1:]) for e in examples)
+    assert batch.label_tokens == sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in examples)
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             torch.testing.assert_close(ours[name], parameter.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_the_shared_prefix_stops_before_the_first_labelled_prediction():
-    examples = [TokenizedExample([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, 4, 5, 6]),
-                TokenizedExample([1, 2, 3, 4, 9], [IGNORE, IGNORE, IGNORE, IGNORE, 9])]
+    examples = [TokenizedExample([1, 2, 3, 4, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4, 5, 6]),
+                TokenizedExample([1, 2, 3, 4, 9], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 9])]
     assert shared_prefix_length(examples) == 2  # position 2 predicts the labelled token 4
-    assert shared_prefix_length([TokenizedExample([1, 2, 3], [IGNORE] * 3),
-                                 TokenizedExample([7, 2, 3], [IGNORE] * 3)]) == 0
+    assert shared_prefix_length([TokenizedExample([1, 2, 3], [IGNORE_INDEX] * 3),
+                                 TokenizedExample([7, 2, 3], [IGNORE_INDEX] * 3)]) == 0
 
 
 def _saved_bytes(run) -> int:

@@ -41,7 +41,7 @@ CHILD = textwrap.dedent("""
         return wrapped
 
     if mode == "step":  # in the middle of a training step, before its loss is known
-        import lorafit.train.loop as target
+        import lorafit.train.step as target
         target.summed_token_loss = kill_on_call(target.summed_token_loss, after=False)
     elif mode == "checkpoint":  # a checkpoint half written: after one of its safetensors files
         import lorafit.train.checkpoint as target

@@ -9,8 +9,7 @@ import torch
 
 import lorafit
 from lorafit import LoraConfig, LorafitError
-from lorafit.data import TokenizedExample
-from lorafit.train.batching import IGNORE
+from lorafit.data import IGNORE_INDEX, TokenizedExample
 from lorafit.train.checkpoint import list_checkpoints
 from lorafit.train.loop import LoopSettings, train
 from tests.conftest import random_examples, tiny_llama
@@ -63,8 +62,8 @@ def test_resume_is_exact_bit_for_bit(tmp_path):
 
 def test_accumulation_weights_every_label_token_equally(tmp_path):
     # 4 examples of very different label counts: one step of batch 4 == one step of 2 x 2 accumulated
-    examples = [TokenizedExample(list(range(1, 11)), [IGNORE] * 9 + [10]), TokenizedExample(list(range(5, 25)), list(range(5, 25))),
-                TokenizedExample(list(range(2, 8)), [IGNORE, 3, 4, 5, 6, 7]), TokenizedExample(list(range(9, 13)), [IGNORE] * 3 + [12])]
+    examples = [TokenizedExample(list(range(1, 11)), [IGNORE_INDEX] * 9 + [10]), TokenizedExample(list(range(5, 25)), list(range(5, 25))),
+                TokenizedExample(list(range(2, 8)), [IGNORE_INDEX, 3, 4, 5, 6, 7]), TokenizedExample(list(range(9, 13)), [IGNORE_INDEX] * 3 + [12])]
     big = _model(dropout=0.0)
     _train(tmp_path / "big", steps=1, model=big, examples=examples, batch_size=4, grad_accum=1, warmup_steps=0)
     small = _model(dropout=0.0)
@@ -74,9 +73,12 @@ def test_accumulation_weights_every_label_token_equally(tmp_path):
 
 
 def test_lora_plus_gives_b_its_own_learning_rate(tmp_path):
-    from lorafit.train.loop import _parameter_groups
+    from lorafit.methods import LoraOptions
+    from lorafit.methods.lora import learning_rate_ratios
+    from lorafit.train.loop import parameter_groups
 
-    groups, names = _parameter_groups(_model(), LoopSettings(steps=1, lr=1e-3, b_lr_ratio=16))
+    ratios = learning_rate_ratios(LoraOptions(lora_plus_ratio=16))  # the method says which tensors LoRA+ speeds up
+    groups, names = parameter_groups(_model(), LoopSettings(steps=1, lr=1e-3, lr_ratios=ratios))
     assert [g["lr"] for g in groups] == [1e-3, 16e-3]
     assert all(".lora_B." in n for n in names[len(groups[0]["params"]):])
 
@@ -93,6 +95,32 @@ def test_a_nan_loss_stops_with_the_step_number_or_is_skipped(tmp_path):
     assert not (tmp_path / "skip" / "checkpoints" / "step-000002").exists()
     log = [json.loads(line) for line in (tmp_path / "skip" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1] and log[0]["skipped"].startswith("loss nan")
+
+
+@pytest.mark.parametrize("failure", ["loss", "weights"])
+def test_the_model_leaves_checkpointing_and_training_mode_when_the_nonfinite_guard_stops_the_run(
+        tmp_path, monkeypatch, failure):
+    model = _model()
+    if failure == "loss":
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.lora_B["default"].fill_(float("nan"))
+        expected = "non-finite step 1: loss nan"
+    else:  # a step taken that leaves NaN/Inf weights
+        monkeypatch.setattr("lorafit.train.loop.weights_are_finite", lambda parameters: False)
+        expected = "step 1 made the adapter's weights NaN/Inf"
+    real_clip, during_the_step = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_note_the_mode(*args, **kwargs):
+        during_the_step.append((model.training, any(getattr(m, "gradient_checkpointing", False)
+                                                    for m in model.modules())))
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_note_the_mode)
+    with pytest.raises(LorafitError, match=expected):
+        _train(tmp_path, model=model, gradient_checkpointing=True)
+    assert during_the_step == [(True, True)]
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not model.training
 
 
 def test_skipped_steps_are_counted_and_logged_and_the_rest_train(tmp_path, monkeypatch):

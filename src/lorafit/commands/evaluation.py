@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lorafit.commands.common import print_settings
+from lorafit.config import ModelDtype
 from lorafit.errors import LorafitError
 
 
@@ -36,7 +37,7 @@ class EvalConfig:
     """Generation length for exact match."""
     json: bool = False
     """Print the metrics as one JSON object (the settings then go to stderr)."""
-    dtype: Optional[str] = None
+    dtype: Optional[ModelDtype] = None
     """Model dtype (default float32)."""
     allow_pickle: bool = False
     """Allow pickle (.bin) weights."""
@@ -46,10 +47,9 @@ class EvalConfig:
 
 def run(config: EvalConfig, echo=print, given=None) -> dict:
     from lorafit.commands.common import load_model_with_adapter
-    from lorafit.commands.train import BUILTIN
     from lorafit.data import read_examples
     from lorafit.evaluate import evaluate_loss, exact_match_accuracy, held_out_set
-    from lorafit.tasks import date_task_splits
+    from lorafit.tasks import BUILTIN, date_task_splits
 
     if config.max_length < 2 or config.eval_examples < 0 or config.max_new_tokens < 1:
         raise LorafitError("--max-length must be >= 2, --eval-examples >= 0 and --max-new-tokens >= 1")

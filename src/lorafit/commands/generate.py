@@ -13,6 +13,7 @@ from typing import Optional
 import tyro
 
 from lorafit.commands.common import print_settings
+from lorafit.config import ModelDtype
 from lorafit.errors import LorafitError
 
 
@@ -37,7 +38,7 @@ class GenerateConfig:
     """Nucleus sampling threshold when sampling."""
     seed: int = 0
     """Sampling seed."""
-    dtype: Optional[str] = None
+    dtype: Optional[ModelDtype] = None
     """Model dtype (default float32)."""
     allow_pickle: bool = False
     """Allow pickle (.bin) weights."""

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lorafit.commands.common import print_settings
-from lorafit.commands.train import parse_targets
-from lorafit.config import LoraConfig
+from lorafit.config import parse_targets
 from lorafit.errors import LorafitError
 
 
@@ -48,6 +47,7 @@ def _shape(module) -> str:
 def run(config: InspectConfig, echo=print, given=None) -> str:
     from lorafit.accounting import report
     from lorafit.adapters import attach
+    from lorafit.methods.lora import LoraConfig
     from lorafit.models import build_on_meta, load_config, resolve_model_folder
     from lorafit.targeting import adaptable_types, select_modules
 

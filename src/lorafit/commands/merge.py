@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from lorafit.commands.common import print_settings
+from lorafit.config import ModelDtype
 from lorafit.errors import LorafitError
 
 MARKER = "lorafit-merge.json"
@@ -33,7 +34,7 @@ class MergeConfig:
     adapter records; a different one is refused."""
     overwrite: bool = False
     """Replace an earlier `lorafit merge` output (only a folder it wrote, holding only its files)."""
-    dtype: Optional[str] = None
+    dtype: Optional[ModelDtype] = None
     """dtype to load and save in (default float32)."""
     allow_pickle: bool = False
     """Allow pickle (.bin) weights."""
@@ -69,7 +70,11 @@ def check_output(output: Path, overwrite: bool, protected: dict[str, Path]) -> N
 
 def run(config: MergeConfig, echo=print, given=None) -> Path:
     from lorafit.adapters import merge_and_unload
-    from lorafit.commands.common import check_base_model, choose_base_model, resolve_adapter_folder
+    from lorafit.commands.common import (
+        check_base_model,
+        choose_base_model,
+        resolve_adapter_folder,
+    )
     from lorafit.files import apply_default_permissions, explain_write_errors
     from lorafit.io import load_adapter
     from lorafit.models import load_model_and_tokenizer, resolve_model_folder

@@ -5,32 +5,60 @@ so several BitFit adapters can coexist, be disabled or deleted like any other ad
 original biases stay untouched until a merge folds the offset in (b ← b + δ). Saved files hold the
 resulting biases under the modules' own names (`<path>.bias`): applying them is replacing biases.
 With `train_head` the output head gets a weight offset the same way (`<head path>.weight` in files).
+peft has no BitFit; its files use peft's layout with `peft_type: "BITFIT"`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.config import BitFitConfig
+from lorafit.base_layer import linear_base, linear_types
+from lorafit.config import Targets, check_selection
 from lorafit.errors import LorafitError
-from lorafit.methods.base import AdapterWrapper
-from lorafit.targeting import linear_types, select_modules
+from lorafit.methods.registry import Method
+from lorafit.targeting import bias_types, portable_targets, select_modules
+from lorafit.wrapper import AdapterWrapper
 
 
-def bias_types() -> tuple[type, ...]:
-    """Modules whose output is f(x) + b with b along the last dimension."""
-    return linear_types() + (nn.LayerNorm,)
+@dataclass
+class BitFitConfig:
+    """BitFit (Ben Zaken et al. 2021, arXiv:2106.10199): train only the bias terms.
+
+    target_modules None means every Linear, Conv1D and LayerNorm that has a bias; a list picks a subset
+    (the paper's smallest variant: the query and the MLP-intermediate biases, e.g. ["q_proj", "up_proj"]).
+    Models without biases (Llama) have nothing to train unless `add_missing_bias` gives the targets
+    zero-initialised biases (the model starts unchanged). `train_head` also trains the output head's
+    weight, as the paper trains its task head (for a language model that is the vocabulary projection,
+    hidden × vocab parameters: far more than the biases).
+    """
+
+    target_modules: Targets = None
+    exclude_modules: Targets = None
+    layers: Union[list, int, None] = None
+    layers_pattern: Union[str, list, None] = None
+    add_missing_bias: bool = False
+    train_head: bool = False
+
+    method = "bitfit"
+
+    def __post_init__(self) -> None:
+        check_selection(self)
+        for name in ("add_missing_bias", "train_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise LorafitError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _output_size(module: nn.Module) -> int:
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, Conv1D):
-        return module.weight.shape[1]
+    if isinstance(module, linear_types()):
+        return linear_base(module).out_features
     return module.weight.shape[-1]  # LayerNorm
 
 
@@ -189,9 +217,6 @@ class BitFitWrapper(AdapterWrapper):
             self.bitfit_weight[name].copy_(offset.to(self.bitfit_weight[name].dtype))
 
 
-WRAPPERS = (BitFitWrapper,)
-
-
 def wrap(module: nn.Module) -> AdapterWrapper:
     return BitFitWrapper(module)
 
@@ -199,3 +224,37 @@ def wrap(module: nn.Module) -> AdapterWrapper:
 def add(wrapper: BitFitWrapper, name: str, config: BitFitConfig, module_path: str, dtype: torch.dtype, model) -> None:
     is_head = config.train_head and module_path == output_head_path(model)
     wrapper.add_adapter(name, config, module_path, dtype, is_head=is_head)
+
+
+FILE_KEYS = frozenset({"peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                       "add_missing_bias", "train_head"})
+
+
+def file_config(model, config: BitFitConfig, paths: list[str], name: str) -> tuple[dict, dict]:
+    return {"peft_type": "BITFIT", "lorafit_method": "bitfit", **portable_targets(model, config, paths),
+            "add_missing_bias": config.add_missing_bias, "train_head": config.train_head}, {}
+
+
+def config_from_file(raw: dict, metadata: dict, where) -> BitFitConfig:
+    try:
+        return BitFitConfig(target_modules=raw["target_modules"], exclude_modules=raw.get("exclude_modules"),
+                            layers=raw.get("layers_to_transform"),
+                            layers_pattern=raw.get("layers_pattern") if raw.get("layers_to_transform") is not None
+                            else None,
+                            add_missing_bias=bool(raw.get("add_missing_bias", False)),
+                            train_head=bool(raw.get("train_head", False)))
+    except LorafitError as err:
+        raise LorafitError(f"{where}: {err}") from None
+
+
+def from_options(options, targets, spelling: str) -> BitFitConfig:
+    """The config `--method bitfit` and its flags (methods/options.py: BitFitOptions) describe."""
+    return BitFitConfig(target_modules=targets, add_missing_bias=options.add_missing_bias,
+                        train_head=options.train_head)
+
+
+METHOD = Method(
+    name="bitfit", config_class=BitFitConfig, peft_type="BITFIT", wrappers=(BitFitWrapper,), select=select,
+    wrap=wrap, add=add, file_config=file_config, config_from_file=config_from_file, file_keys=FILE_KEYS,
+    required_file_keys=("target_modules",), from_options=from_options,
+)

@@ -8,13 +8,51 @@ W (l ⊙ h), which merges as W ← W diag(l). The vectors have peft's shapes and
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Union
+
 import torch
 from torch import nn
 
-from lorafit.config import IA3Config
+from lorafit.base_layer import linear_base, linear_types
+from lorafit.config import Targets, check_module_list, check_selection, parse_targets
 from lorafit.errors import LorafitError
-from lorafit.methods.base import AdapterWrapper, linear_layout
-from lorafit.targeting import linear_types, matches_selection, select_modules
+from lorafit.methods.registry import Method
+from lorafit.targeting import (
+    matches_selection,
+    portable_targets,
+    select_modules,
+    short_names,
+)
+from lorafit.wrapper import AdapterWrapper
+
+
+@dataclass
+class IA3Config:
+    """IA3 (Liu et al. 2022, arXiv:2205.05638): learned vectors, initialised to ones, rescale activations.
+
+    A target's output is rescaled (l ⊙ W x: keys and values) unless it is also listed in
+    `feedforward_modules`, where its input is rescaled instead (W (l ⊙ h): the feed-forward activation
+    feeding the down projection). None picks the paper's choice for the architecture (Llama: k_proj,
+    v_proj, down_proj with down_proj feed-forward). Selection rules are LoraConfig's.
+    """
+
+    target_modules: Targets = None
+    feedforward_modules: Targets = None
+    exclude_modules: Targets = None
+    layers: Union[list, int, None] = None
+    layers_pattern: Union[str, list, None] = None
+
+    method = "ia3"
+
+    def __post_init__(self) -> None:
+        check_selection(self)
+        self.feedforward_modules = check_module_list("feedforward_modules", self.feedforward_modules,
+                                                      allow_all_linear=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 # The paper's choice per architecture (config.model_type): targets, and which of them are feed-forward.
 DEFAULT_TARGETS = {
@@ -61,14 +99,16 @@ class IA3Linear(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer)
+        self.base = linear_base(base_layer)
+        self.fan_in_fan_out = self.base.stores_transposed
+        self.in_features, self.out_features = self.base.in_features, self.base.out_features
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
 
     def add_adapter(self, name: str, config: IA3Config, module_path: str, dtype: torch.dtype) -> None:
         feedforward = matches_selection(config.feedforward_modules, module_path)
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        self.ia3_l[name] = nn.Parameter(torch.ones(shape, dtype=dtype, device=self.base_layer.weight.device))
+        self.ia3_l[name] = nn.Parameter(torch.ones(shape, dtype=dtype, device=self.base.device))
         self.feedforward[name] = feedforward
 
     def _forget(self, name: str) -> None:
@@ -99,20 +139,23 @@ class IA3Linear(AdapterWrapper):
         return out
 
     def _scaled(self, name: str, inverse: bool) -> dict[str, torch.Tensor]:
+        """The base tensors with adapter `name` folded in (or out): W's rows or columns, and b, scaled."""
         vector = self.ia3_l[name].detach().float().flatten()
         if inverse:
             vector = 1.0 / vector
-        weight = self.base_layer.weight.float()
-        linear = weight.T if self.fan_in_fan_out else weight  # (out, in)
+        weight = self.base.dense_weight().float()  # (out, in)
         if self.feedforward[name]:
-            merged = {"weight": linear * vector[None, :]}
-        else:
-            merged = {"weight": linear * vector[:, None]}
-            if self.base_layer.bias is not None:
-                merged["bias"] = self.base_layer.bias.float() * vector
-        if self.fan_in_fan_out:
-            merged["weight"] = merged["weight"].T
+            return {"weight": weight * vector[None, :]}
+        merged = {"weight": weight * vector[:, None]}
+        if self.base_layer.bias is not None:
+            merged["bias"] = self.base_layer.bias.float() * vector
         return merged
+
+    def _write_base_tensor(self, tensor_name: str, value: torch.Tensor) -> None:
+        if tensor_name == "weight":
+            self.base.write_weight(value)  # _scaled gives the dense (out, in) weight
+        else:
+            super()._write_base_tensor(tensor_name, value)
 
     def _merged_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return self._scaled(name, inverse=False)
@@ -124,12 +167,47 @@ class IA3Linear(AdapterWrapper):
         return {"ia3_l": "ia3_l"}
 
 
-WRAPPERS = (IA3Linear,)
-
-
 def wrap(module: nn.Module) -> AdapterWrapper:
     return IA3Linear(module)
 
 
 def add(wrapper: IA3Linear, name: str, config: IA3Config, module_path: str, dtype: torch.dtype, model) -> None:
     wrapper.add_adapter(name, resolve(model, config), module_path, dtype)
+
+
+# -- peft's file format ---------------------------------------------------------------------------------------
+def file_config(model, config: IA3Config, paths: list[str], name: str) -> tuple[dict, dict]:
+    """peft's IA3 keys. peft wants feedforward_modules a subset of target_modules, string for string."""
+    targets = portable_targets(model, config, paths, with_layers=False)
+    feedforward_paths = [p for p in paths if model.get_submodule(p).feedforward[name]]
+    feedforward = short_names(feedforward_paths)
+    reselects = [p for p in paths if matches_selection(feedforward, p)] == feedforward_paths
+    if not reselects or not set(feedforward) <= set(targets["target_modules"]):
+        targets = {"target_modules": list(paths), "exclude_modules": None}
+        feedforward = feedforward_paths
+    return {"peft_type": "IA3", **targets, "feedforward_modules": feedforward,
+            "fan_in_fan_out": any(model.get_submodule(p).fan_in_fan_out for p in paths),
+            "init_ia3_weights": True, "modules_to_save": None}, {}
+
+
+def config_from_file(raw: dict, metadata: dict, where) -> IA3Config:
+    try:
+        return IA3Config(target_modules=raw["target_modules"], exclude_modules=raw.get("exclude_modules"),
+                         layers=raw.get("layers_to_transform"),
+                         layers_pattern=raw.get("layers_pattern") if raw.get("layers_to_transform") is not None else None,
+                         feedforward_modules=raw.get("feedforward_modules"))
+    except LorafitError as err:
+        raise LorafitError(f"{where}: {err}") from None
+
+
+def from_options(options, targets, spelling: str) -> IA3Config:
+    """The config `--method ia3` and its flags (methods/options.py: IA3Options) describe."""
+    return IA3Config(target_modules=targets, feedforward_modules=parse_targets(options.feedforward_targets))
+
+
+METHOD = Method(
+    name="ia3", config_class=IA3Config, peft_type="IA3", wrappers=(IA3Linear,), select=select, wrap=wrap, add=add,
+    file_config=file_config, config_from_file=config_from_file,
+    file_keys=frozenset({"peft_type", "target_modules", "feedforward_modules", "exclude_modules"}),
+    required_file_keys=("target_modules",), from_options=from_options,
+)

@@ -13,41 +13,37 @@ Layouts, all exact (the same loss and gradients as running the examples one by o
   task's fixed instruction), their hidden states there are identical under causal attention. The
   prefix runs once (batch 1, with gradients), its key/value cache is repeated across the batch, and
   only the suffixes run per row; backward sums every row's gradient into the one prefix.
-`packing_is_exact` / `prefix_sharing_is_exact` check each layout on the actual model once; the padded
-layout is the fallback. Targets are shifted here (target[t] = label[t + 1]) so that no prediction
-crosses an example boundary.
+`lorafit.train.forward` runs each layout through the model body and checks, once per model, that
+packing and prefix sharing are exact for it; the padded layout is the fallback. Targets are shifted
+here (target[t] = label[t + 1]) so that no prediction crosses an example boundary.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import os
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from lorafit.data import IGNORE_INDEX
 
 
 @dataclass
 class Batch:
-    """Model inputs plus next-token targets (IGNORE where there is nothing to predict)."""
+    """Model inputs plus next-token targets (IGNORE_INDEX where there is nothing to predict)."""
 
     inputs: dict
     targets: torch.Tensor
     real_tokens: int  # non-padding tokens: the throughput that counts
     label_tokens: int
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         inputs = {k: v.to(device) for k, v in self.inputs.items()}
         return Batch(inputs, self.targets.to(device), self.real_tokens, self.label_tokens)
 
 
 def _shifted_targets(labels: list[int]) -> list[int]:
-    return labels[1:] + [IGNORE]
+    return labels[1:] + [IGNORE_INDEX]
 
 
 def plan_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -92,13 +88,13 @@ def collate_packed(examples: list, pad_id: int, row_tokens: int) -> Batch:
         # Padding is one more "example" with its own positions: it attends only to itself.
         input_ids.append(ids + [pad_id] * pad)
         positions.append(pos + list(range(pad)))
-        targets.append(tgt + [IGNORE] * pad)
+        targets.append(tgt + [IGNORE_INDEX] * pad)
     targets_tensor = torch.tensor(targets)
     return Batch(
         inputs={"input_ids": torch.tensor(input_ids), "position_ids": torch.tensor(positions)},
         targets=targets_tensor,
         real_tokens=sum(len(e.input_ids) for e in examples),
-        label_tokens=int((targets_tensor != IGNORE).sum()),
+        label_tokens=int((targets_tensor != IGNORE_INDEX).sum()),
     )
 
 
@@ -109,7 +105,7 @@ def collate_alone(example) -> Batch:
         inputs={"input_ids": torch.tensor([example.input_ids])},
         targets=targets,
         real_tokens=len(example.input_ids),
-        label_tokens=int((targets != IGNORE).sum()),
+        label_tokens=int((targets != IGNORE_INDEX).sum()),
     )
 
 
@@ -142,7 +138,7 @@ def shared_prefix_length(examples: list) -> int:
             common += 1
         length = common
     for example in examples:  # the prefix's own predictions must all be unlabelled
-        labelled = [t for t, label in enumerate(example.labels) if label != IGNORE]
+        labelled = [t for t, label in enumerate(example.labels) if label != IGNORE_INDEX]
         if labelled:
             length = min(length, labelled[0] - 1)
     return max(length, 0)
@@ -158,7 +154,7 @@ def collate_shared_prefix(examples: list, pad_id: int, prefix_length: int) -> Ba
         input_ids.append(suffix + [pad_id] * pad)
         mask.append([1] * (prefix_length + len(suffix)) + [0] * pad)
         positions.append(list(range(prefix_length, prefix_length + width)))
-        targets.append(_shifted_targets(example.labels)[prefix_length:] + [IGNORE] * pad)
+        targets.append(_shifted_targets(example.labels)[prefix_length:] + [IGNORE_INDEX] * pad)
     targets_tensor = torch.tensor(targets)
     return Batch(
         inputs={"prefix_ids": torch.tensor([examples[0].input_ids[:prefix_length]]),
@@ -166,7 +162,7 @@ def collate_shared_prefix(examples: list, pad_id: int, prefix_length: int) -> Ba
                 "position_ids": torch.tensor(positions)},
         targets=targets_tensor,
         real_tokens=sum(len(e.input_ids) for e in examples),
-        label_tokens=int((targets_tensor != IGNORE).sum()),
+        label_tokens=int((targets_tensor != IGNORE_INDEX).sum()),
     )
 
 
@@ -178,119 +174,11 @@ def collate_padded(examples: list, pad_id: int) -> Batch:
         pad = width - len(example.input_ids)
         input_ids.append(example.input_ids + [pad_id] * pad)
         mask.append([1] * len(example.input_ids) + [0] * pad)
-        targets.append(_shifted_targets(example.labels) + [IGNORE] * pad)
+        targets.append(_shifted_targets(example.labels) + [IGNORE_INDEX] * pad)
     targets_tensor = torch.tensor(targets)
     return Batch(
         inputs={"input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(mask)},
         targets=targets_tensor,
         real_tokens=sum(len(e.input_ids) for e in examples),
-        label_tokens=int((targets_tensor != IGNORE).sum()),
+        label_tokens=int((targets_tensor != IGNORE_INDEX).sum()),
     )
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextlib.contextmanager
-def grouped_key_value_heads(device: torch.device, recomputes: bool = False) -> Iterator[None]:
-    """On CPU, let transformers' sdpa attention keep grouped-query key/value heads grouped under a mask.
-
-    With an attention mask (packed rows, a shared prefix) transformers copies each key/value head once
-    per query head it serves (`repeat_kv`) before calling SDPA, and autograd keeps those copies for
-    backward: 3× the keys and values of SmolLM2 (9 query heads, 3 key/value heads). PyTorch's CPU
-    attention kernel takes the grouped layout with a mask (`enable_gqa=True`), and transformers has a
-    switch for it, the environment variable TRANSFORMERS_SDPA_FORCE_GQA, set here for the forward call
-    only. Measured on the built-in task (r=8 q,v, batch 8): peak RSS 1397 → 1302 MiB and 1.7% faster.
-    Not on GPUs, where a masked grouped call leaves the fused kernels for the slow math one. Not with
-    gradient checkpointing (`recomputes=True`): the layers' forward runs again during backward, outside
-    this context, and the recomputed keys/values must have the shapes the first pass saved.
-    """
-    if device.type != "cpu" or recomputes:
-        yield
-        return
-    previous = os.environ.get(_FORCE_GQA)
-    os.environ[_FORCE_GQA] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[_FORCE_GQA]
-        else:
-            os.environ[_FORCE_GQA] = previous
-
-
-def forward_hidden(body, inputs: dict) -> torch.Tensor:
-    """Last hidden states of the model body for any of the layouts above."""
-    with grouped_key_value_heads(inputs["input_ids"].device, recomputes=_checkpointed(body)):
-        return _forward_hidden(body, inputs)
-
-
-def _checkpointed(body) -> bool:
-    """Does any layer recompute its forward in backward? (transformers marks each such layer.)"""
-    return any(getattr(module, "gradient_checkpointing", False) is True for module in body.modules())
-
-
-def _forward_hidden(body, inputs: dict) -> torch.Tensor:
-    if "prefix_ids" not in inputs:
-        return body(**inputs, use_cache=False).last_hidden_state
-    prefix_output = body(input_ids=inputs["prefix_ids"], use_cache=True)
-    cache = prefix_output["cache"] if "cache" in prefix_output else prefix_output["past_key_values"]
-    cache.batch_repeat_interleave(inputs["input_ids"].shape[0])  # the prefix's keys and values, per row
-    suffix_inputs = {k: v for k, v in inputs.items() if k != "prefix_ids"}
-    # transformers ≥ 5.24 names the argument `cache`; earlier versions `past_key_values`
-    own_forward = getattr(body, "_orig_mod", body).forward  # a torch.compile'd body wraps the module
-    cache_argument = "cache" if "cache" in inspect.signature(own_forward).parameters else "past_key_values"
-    return body(**suffix_inputs, **{cache_argument: cache}, use_cache=True).last_hidden_state
-
-
-@torch.no_grad()
-def prefix_sharing_is_exact(model, vocab_size: int, tolerance: float = 1e-4) -> bool:
-    """Does running a shared prefix once through the cache give the rows' own hidden states?"""
-    body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        return False
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(1)
-    prefix = torch.randint(0, vocab_size, (1, 4), generator=generator).tolist()[0]
-    rows = [prefix + torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in (3, 2)]
-    was_training = model.training
-    model.eval()
-    try:
-        alone = [body(input_ids=torch.tensor([r], device=device), use_cache=False).last_hidden_state[0, 4:]
-                 for r in rows]
-        batch = collate_shared_prefix([_Probe(r) for r in rows], 0, 4).to(device)
-        shared = forward_hidden(body, batch.inputs)
-    except (TypeError, ValueError, RuntimeError, AttributeError):
-        return False
-    finally:
-        model.train(was_training)
-    return all(bool((a - shared[i, : a.shape[0]]).abs().max() <= tolerance) for i, a in enumerate(alone))
-
-
-@dataclass
-class _Probe:
-    input_ids: list
-    labels: list = None
-
-    def __post_init__(self):
-        self.labels = [IGNORE] * len(self.input_ids)
-
-
-@torch.no_grad()
-def packing_is_exact(model, vocab_size: int, tolerance: float = 1e-4) -> bool:
-    """Does this model keep packed examples apart? Compare two short sequences packed vs alone."""
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
-    first = torch.randint(0, vocab_size, (1, 5), generator=generator).to(device)
-    second = torch.randint(0, vocab_size, (1, 4), generator=generator).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        alone = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1)
-        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
-        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits
-    except (TypeError, ValueError, RuntimeError):
-        return False
-    finally:
-        model.train(was_training)
-    return bool((alone.float() - packed.float()).abs().max() <= tolerance)

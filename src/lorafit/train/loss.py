@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lorafit.train.batching import IGNORE, Batch, forward_hidden
+from lorafit.data import IGNORE_INDEX
+from lorafit.train.batching import Batch
+from lorafit.train.forward import forward_hidden
 
 # Config attributes of models whose logits are transformed after the head (soft-capping, scaling):
 # for those the loss goes through the model's own forward, which knows how.
@@ -114,9 +116,9 @@ def summed_token_loss(model, batch: Batch, chunk_tokens: int = 512, body=None) -
         if "prefix_ids" in batch.inputs:
             raise ValueError("shared-prefix batches need a model with a separate body and output head")
         logits = model(**batch.inputs, use_cache=False).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     hidden = forward_hidden(body, batch.inputs)
-    labelled = targets != IGNORE
+    labelled = targets != IGNORE_INDEX
     hidden, targets = hidden[labelled], targets[labelled]
     if torch.is_grad_enabled() and hidden.requires_grad and _head_is_frozen(head):
         return FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens)

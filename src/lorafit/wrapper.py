@@ -2,7 +2,9 @@
 
 A wrapper replaces one module of the user's model. The original module lives on, untouched, as
 `wrapper.base_layer`, so unloading puts back exactly what was there. Each method (LoRA, IA3, ...)
-subclasses this with its parameters, its forward and how its update folds into the base weight.
+subclasses this with its parameters, its forward and how its update folds into the base weight; the
+registry (lorafit.methods) says which wrapper a method uses, and the shared code here does the rest:
+naming, activation, deletion, the checked merge, and the file tensors under peft's key suffixes.
 """
 
 from __future__ import annotations
@@ -13,23 +15,14 @@ from torch import nn
 from lorafit.errors import LorafitError
 
 
-def linear_layout(layer: nn.Module) -> tuple[bool, int, int]:
-    """(fan_in_fan_out, in_features, out_features) of an nn.Linear or transformers' Conv1D.
-
-    Conv1D computes x @ W + b with W stored (in, out): the transpose of nn.Linear's (out, in).
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    fan_in_fan_out = isinstance(layer, Conv1D)
-    rows, cols = layer.weight.shape
-    return (fan_in_fan_out, rows, cols) if fan_in_fan_out else (fan_in_fan_out, cols, rows)
-
-
 class AdapterWrapper(nn.Module):
     """Base layer + named adapters; subclasses define `forward`, `_merge_one` and `_unmerge_one`."""
 
     # Names of the nn.ParameterDict attributes that hold per-adapter tensors (set by subclasses).
     adapter_parameter_dicts: tuple[str, ...] = ()
+    # Whether a file may bring this layer's own base weight (peft saves a trained embedding's): see
+    # replace_base_weight.
+    takes_base_weight_from_file = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -145,7 +138,11 @@ class AdapterWrapper(nn.Module):
 
     def _assign(self, new_tensors: dict[str, torch.Tensor], what: str) -> None:
         for tensor_name, value in self._cast_and_check(new_tensors, what).items():
-            getattr(self.base_layer, tensor_name).copy_(value)
+            self._write_base_tensor(tensor_name, value)
+
+    def _write_base_tensor(self, tensor_name: str, value: torch.Tensor) -> None:
+        """Store a merged tensor in the base layer (in its stored layout unless a subclass says otherwise)."""
+        getattr(self.base_layer, tensor_name).copy_(value)
 
     def extra_repr(self) -> str:
         merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
