@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.base_layer import linear_base
 from lorafit.errors import LorafitError
 
 
@@ -147,3 +148,22 @@ class AdapterWrapper(nn.Module):
     def extra_repr(self) -> str:
         merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
         return f"active={self.active_adapters}{merged}"
+
+
+class LinearAdapterWrapper(AdapterWrapper):
+    """A wrapper around a linear layer, which it sees only through its `base_layer.LinearBase` view.
+
+    Merges of such methods give the dense (out, in) weight; the view stores it in the layer's own layout.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.base = linear_base(base_layer)
+        self.fan_in_fan_out = self.base.stores_transposed  # peft's name for a (in, out) stored weight
+        self.in_features, self.out_features = self.base.in_features, self.base.out_features
+
+    def _write_base_tensor(self, tensor_name: str, value: torch.Tensor) -> None:
+        if tensor_name == "weight":
+            self.base.write_weight(value)
+        else:
+            super()._write_base_tensor(tensor_name, value)

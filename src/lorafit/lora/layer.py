@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.base_layer import linear_base
 from lorafit.errors import LorafitError
 from lorafit.lora.variants import FusedSlices, LoraVariant, variant_for
-from lorafit.wrapper import AdapterWrapper
+from lorafit.wrapper import LinearAdapterWrapper
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class AdapterSpec:
     use_dora: bool = False
 
 
-class LoraLinear(AdapterWrapper):
+class LoraLinear(LinearAdapterWrapper):
     """A frozen linear layer plus named LoRA adapters: `lora_A[name]` (r × in), `lora_B[name]` (out × r).
 
     The forward never copies the input when dropout is 0 and scales the rank-r intermediate, not the
@@ -46,9 +45,6 @@ class LoraLinear(AdapterWrapper):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.base = linear_base(base_layer)
-        self.fan_in_fan_out = self.base.stores_transposed
-        self.in_features, self.out_features = self.base.in_features, self.base.out_features
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
@@ -158,9 +154,6 @@ class LoraLinear(AdapterWrapper):
         if variant is not None:
             return {"weight": variant.unmerged_weight(self, name, weight)}
         return {"weight": weight - self.delta_weight(name).to(weight.device)}
-
-    def _write_base_tensor(self, tensor_name: str, value: torch.Tensor) -> None:
-        self.base.write_weight(value)  # merges give the dense (out, in) weight
 
     def check_merge(self, names: list[str], module_path: str) -> None:
         super().check_merge(names, module_path)

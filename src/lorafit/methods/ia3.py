@@ -14,7 +14,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from lorafit.base_layer import linear_base, linear_types
+from lorafit.base_layer import linear_types
 from lorafit.config import Targets, check_module_list, check_selection, parse_targets
 from lorafit.errors import LorafitError
 from lorafit.methods.registry import Method
@@ -24,7 +24,7 @@ from lorafit.targeting import (
     select_modules,
     short_names,
 )
-from lorafit.wrapper import AdapterWrapper
+from lorafit.wrapper import AdapterWrapper, LinearAdapterWrapper
 
 
 @dataclass
@@ -92,16 +92,13 @@ def select(model: nn.Module, config: IA3Config) -> list[str]:
     return paths
 
 
-class IA3Linear(AdapterWrapper):
+class IA3Linear(LinearAdapterWrapper):
     """A frozen Linear / Conv1D whose output (or, feed-forward, input) is rescaled by learned vectors."""
 
     adapter_parameter_dicts = ("ia3_l",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.base = linear_base(base_layer)
-        self.fan_in_fan_out = self.base.stores_transposed
-        self.in_features, self.out_features = self.base.in_features, self.base.out_features
         self.ia3_l = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}
 
@@ -150,12 +147,6 @@ class IA3Linear(AdapterWrapper):
         if self.base_layer.bias is not None:
             merged["bias"] = self.base_layer.bias.float() * vector
         return merged
-
-    def _write_base_tensor(self, tensor_name: str, value: torch.Tensor) -> None:
-        if tensor_name == "weight":
-            self.base.write_weight(value)  # _scaled gives the dense (out, in) weight
-        else:
-            super()._write_base_tensor(tensor_name, value)
 
     def _merged_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return self._scaled(name, inverse=False)
