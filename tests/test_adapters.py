@@ -157,6 +157,15 @@ def test_adapter_per_row_errors():
             model(torch.zeros(3, 4, dtype=torch.long))
 
 
+def test_adapter_per_row_refuses_a_pissa_adapter_whose_residual_base_the_other_rows_would_get():
+    model = tiny_llama()
+    lorafit.attach(model, LoraConfig(r=2, target_modules=["q_proj"]), "plain")
+    lorafit.attach(model, LoraConfig(r=2, target_modules=["q_proj"], init="pissa"), "pissa")
+    with pytest.raises(LorafitError, match="adapter 'pissa': adapter_per_row serves plain LoRA adapters only"):
+        with lorafit.adapter_per_row(model, ["plain", "pissa"]):
+            pass
+
+
 def _outputs(model, input_ids, active):
     lorafit.set_active_adapter(model, active)
     with torch.no_grad():

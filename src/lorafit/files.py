@@ -18,6 +18,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from lorafit.errors import LorafitError
+
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -51,8 +53,6 @@ def _errno_of(err: BaseException) -> int | None:
 @contextmanager
 def explain_write_errors(target: str | os.PathLike) -> Iterator[None]:
     """Turn out-of-space and permission errors while writing `target` into a LorafitError."""
-    from lorafit.errors import LorafitError
-
     try:
         yield
     except (OSError, SafetensorError) as err:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
 from lorafit.files import apply_default_permissions, explain_write_errors, write_json
+from lorafit.io import save_adapter
 
 STATE_NAME = "trainer_state.json"
 TRAINING_STATE_NAME = "training_state.safetensors"
@@ -97,8 +98,6 @@ def save_checkpoint(
     base_model: dict | None = None,
 ) -> Path:
     """Write `folder/step-NNNNNN` atomically and drop all but the newest `keep` checkpoints."""
-    from lorafit.io import save_adapter
-
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(position.step)
     temporary = folder / f".{final.name}.tmp-{os.getpid()}"
