@@ -10,8 +10,9 @@ takes 64 MiB and reaches no network. Speed and memory do not depend on the weigh
 same architecture runs from its config with seeded random weights (`--random-weights`, after
 `--export-model` here); the loss-agreement column still compares the two sides exactly.
 
-The same sides as bench/run.py (sides.py: lorafit's loop body against peft's documented standard, the
-same micro-batches from lorafit's plan, fp32, AdamW 2e-4, clip 1.0), A B / B A alternation after a
+The same sides as bench/run.py (sides.py: lorafit's own train_step against peft's documented standard, the
+same micro-batches from lorafit's plan, fp32 on CPU and bf16 autocast with fp32 adapters on CUDA for both,
+AdamW 2e-4, clip 1.0), A B / B A alternation after a
 warm-up step, and on CUDA the device synchronised around every timed step. Per workload: real
 tokens/s of each side and their ratio (median, min–max over the paired steps), the largest loss
 difference over the steps, and on CUDA each side's peak allocated memory during a step above what was
@@ -146,7 +147,8 @@ def main() -> None:
         raise SystemExit("bench/device_check.py: --device cuda but torch.cuda.is_available() is False")
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
     weights = "seeded random weights" if args.random_weights else "the embedded SmolLM2-135M-Instruct"
-    header = f"{today()}  {machine}, torch {torch.__version__}, fp32, {weights}"
+    precision = "bf16 autocast, fp32 adapters (both sides)" if device.type == "cuda" else "fp32"
+    header = f"{today()}  {machine}, torch {torch.__version__}, {precision}, {weights}"
     print(header, flush=True)
     results = []
     for key, data, workload in WORKLOADS:

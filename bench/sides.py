@@ -12,6 +12,8 @@ label tokens), backward, clip, AdamW. Same examples, order, optimizer, learning 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from common import LR, MAX_GRAD_NORM, SEED
 
@@ -117,7 +119,9 @@ class PeftSide:
     def step(self, examples: list) -> dict:
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in peft_collate(examples, self.pad_id).items()}
-        loss = self.model(**inputs).loss
+        # On CUDA the same bf16 autocast as lorafit's step (a Trainer's bf16=True): like for like; fp32 on CPU.
+        with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
+            loss = self.model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, MAX_GRAD_NORM)
         self.optimizer.step()

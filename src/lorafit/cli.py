@@ -1,10 +1,11 @@
 """The `lorafit` command: `lorafit <train|eval|generate|merge|inspect> [--config FILE] [flags]`.
 
 Each command is a dataclass (its fields are both the flags and the YAML keys; field docstrings are
-the --help text, via tyro) and a `run(config)` function. A YAML file given with --config sets
-defaults that flags override. Every mistake prints as one line: 1 for an error lorafit found (bad
-data, model, settings), 2 for a command line that does not parse, 130 when interrupted; `--debug`
-shows the traceback too. Only the chosen command's module is imported, and the command modules import
+the --help text) and a `run(config)` function; tyro parses the command line into one of them, as a
+subcommand. A YAML file given with --config sets the chosen command's defaults, which flags override
+(read first, because tyro has no config files). Every mistake prints as one line: 1 for an error
+lorafit found (bad data, model, settings, a value outside a flag's choices), 2 for a command line that
+does not parse, 130 when interrupted; `--debug` shows the traceback too. The command modules import
 torch and transformers inside `run`, so `--help` answers without loading them.
 """
 
@@ -37,10 +38,10 @@ COMMANDS = {
                 "list a model's modules, which ones the targets select, and the parameter counts"),
 }
 
-USAGE = ("usage: lorafit <command> [--config FILE] [flags]   (lorafit <command> --help for its flags)\n\ncommands:\n"
-         + "\n".join(f"  {name:<10} {about}" for name, (_, _, about) in COMMANDS.items())
-         + "\n\nglobal flags: --debug (show tracebacks), --version"
-         + "\nexit codes: 0 done, 1 error, 2 command line does not parse, 130 interrupted (resume with --resume RUN)")
+ABOUT = ("Parameter-efficient fine-tuning (LoRA and family) in peft's file format. `lorafit <command> --help` lists a "
+         "command's flags; `--config FILE.yaml` sets them from a file (keys = flag names). Global flags: --debug (show "
+         "tracebacks), --version. Exit codes: 0 done, 1 error, 2 command line does not parse, 130 interrupted "
+         "(resume with --resume RUN).")
 
 
 class UsageError(LorafitError):
@@ -51,6 +52,29 @@ def _command(name: str):
     module_name, class_name, _ = COMMANDS[name]
     module = importlib.import_module(module_name)
     return getattr(module, class_name), module.run
+
+
+def _subcommands(chosen: str | None = None, default=None):
+    """Every command as a tyro subcommand; `chosen` starts from `default` (its YAML settings)."""
+    import tyro
+
+    options = []
+    for name, (_, _, about) in COMMANDS.items():
+        config_class = _command(name)[0]
+        start = {"default": default} if name == chosen and default is not None else {}
+        options.append(typing.Annotated[config_class, tyro.conf.subcommand(name, description=about, **start)])
+    return typing.Union[tuple(options)]
+
+
+def print_help(file=None) -> None:
+    """`lorafit --help`: the commands and what each does (tyro's rendering), plus global flags and exit codes."""
+    import tyro
+
+    with contextlib.redirect_stdout(file or sys.stdout):
+        try:
+            tyro.cli(_subcommands(), args=["--help"], prog="lorafit", description=ABOUT)
+        except SystemExit:
+            pass
 
 
 def _type_ok(annotation, value) -> bool:
@@ -203,7 +227,7 @@ def parse(argv: list[str]):
     import tyro
 
     name, rest = argv[0], list(argv[1:])
-    if name not in COMMANDS:
+    if name not in COMMANDS:  # said before tyro, which would list the commands without the closest one
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         raise UsageError(f"unknown command {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
                          + f"; commands: {', '.join(COMMANDS)}")
@@ -213,13 +237,13 @@ def parse(argv: list[str]):
     # Fields without a default stay required unless the YAML file sets them.
     required = {f.name: tyro.MISSING for f in dataclasses.fields(config_class)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    default = config_class(**{**required, **defaults})
+    commands = _subcommands(name, config_class(**{**required, **defaults}))
     if any(arg in ("-h", "--help") for arg in rest):
-        tyro.cli(config_class, args=rest, default=default, prog=f"lorafit {name}")  # prints the help, exits 0
+        tyro.cli(commands, args=[name, *rest], prog="lorafit", description=ABOUT)  # prints the help, exits 0
     rendered = io.StringIO()
     try:
         with contextlib.redirect_stderr(rendered), contextlib.redirect_stdout(rendered):
-            config = tyro.cli(config_class, args=rest, default=default, prog=f"lorafit {name}")
+            config = tyro.cli(commands, args=[name, *rest], prog="lorafit", description=ABOUT)
     except SystemExit as stop:
         if stop.code in (0, None):
             raise
@@ -233,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print_help()
         return 0 if argv else 2
     if argv[0] == "--version":
         from lorafit import __version__

@@ -104,16 +104,19 @@ class Selection:
         check_selection(self)
 
 
-def parse_targets(text: str | None):
+def parse_targets(given: str | list | None):
     """A command line's targets as configs take them: None, 'all-linear', a regex, or a list of names.
 
-    Text with a regex character is one full-path regex; otherwise comma-separated names.
+    `given` is what a flag or YAML key holds: `--targets q_proj v_proj` (a list), or one string. A single
+    entry with a regex character is one full-path regex; otherwise entries are names, commas also separating
+    them (`q_proj,v_proj`, as earlier versions and run folders wrote them).
     """
-    if text is None or text == ALL_LINEAR:
-        return text
-    if any(ch in text for ch in "*()[]|\\^$+?"):
-        return text
-    return [name.strip() for name in text.split(",") if name.strip()]
+    if given is None:
+        return None
+    entries = [given] if isinstance(given, str) else list(given)
+    if len(entries) == 1 and (entries[0] == ALL_LINEAR or any(ch in entries[0] for ch in "*()[]|\\^$+?")):
+        return entries[0]
+    return [name.strip() for entry in entries for name in entry.split(",") if name.strip()]
 
 
 def pattern_key_matches(key: str, module_path: str) -> bool:

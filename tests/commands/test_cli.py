@@ -227,3 +227,34 @@ def test_compile_without_a_cxx_compiler_fails_before_the_run_folder_is_made(tmp_
                  "--compile", "--output", str(run)]) == 1
     assert "--compile on CPU needs a C++ compiler" in capsys.readouterr().err
     assert not run.exists()
+
+
+# -- how tyro parses the commands ---------------------------------------------------------------------------
+def test_no_command_prints_every_command_and_exits_2(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("train", "eval", "generate", "merge", "inspect")) and "Exit codes" in out
+    assert main(["--help"]) == 0
+
+
+def test_targets_and_layers_are_lists_with_spaces_or_commas(capsys):
+    seed_config = "tests/data/llama-7b-config.json"
+
+    def counts(*flags):
+        assert main(["inspect", "--model-config", seed_config, *flags]) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1]  # "LoRA r=8 on N modules: trainable ..."
+
+    assert counts("--targets", "q_proj", "v_proj") == counts("--targets", "q_proj,v_proj")
+    assert "trainable 4,194,304 / " in counts("--targets", "q_proj", "v_proj")  # the seed's figure
+    # r=8 on q_proj (4096→4096) of blocks 0 and 1: 2 × (8·4096 + 4096·8) = 131,072
+    assert "LoRA r=8 on 2 modules: trainable 131,072 / " in counts("--targets", "q_proj", "--layers", "0", "1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--dtype", "float8"], "--dtype 'float8' is unknown (did you mean float32?); use "),
+    (["train", "--init", "pisa"], "--init 'pisa' is unknown (did you mean pissa?); use "),
+])
+def test_a_value_outside_a_flags_choices_names_the_closest_and_exits_1(capsys, args, message):
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "╭" not in err, err

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lorafit.commands.common import print_settings
-from lorafit.config import ModelDtype
+from lorafit.commands.model_options import (
+    AllowPickle,
+    Dtype,
+    ModelPath,
+    TrustRemoteCode,
+)
 from lorafit.errors import LorafitError
 
 
@@ -20,9 +25,7 @@ from lorafit.errors import LorafitError
 class EvalConfig:
     """Evaluate a model (and adapter) on instruction data: loss, perplexity, exact match."""
 
-    model: Optional[str] = None
-    """Model folder or .gguf file ('default': the embedded SmolLM2-135M-Instruct). With --adapter: the base the
-    adapter records, and a different one is refused."""
+    model: ModelPath = None
     adapter: Optional[str] = None
     """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
     data: Optional[str] = None
@@ -37,12 +40,9 @@ class EvalConfig:
     """Generation length for exact match."""
     json: bool = False
     """Print the metrics as one JSON object (the settings then go to stderr)."""
-    dtype: Optional[ModelDtype] = None
-    """Model dtype (default float32)."""
-    allow_pickle: bool = False
-    """Allow pickle (.bin) weights."""
-    trust_remote_code: bool = False
-    """Run model code shipped with the model folder."""
+    dtype: Dtype = None
+    allow_pickle: AllowPickle = False
+    trust_remote_code: TrustRemoteCode = False
 
 
 def run(config: EvalConfig, echo=print, given=None) -> dict:

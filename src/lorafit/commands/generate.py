@@ -13,7 +13,12 @@ from typing import Optional
 import tyro
 
 from lorafit.commands.common import print_settings
-from lorafit.config import ModelDtype
+from lorafit.commands.model_options import (
+    AllowPickle,
+    Dtype,
+    ModelPath,
+    TrustRemoteCode,
+)
 from lorafit.errors import LorafitError
 
 
@@ -23,9 +28,7 @@ class GenerateConfig:
 
     prompt: tyro.conf.Positional[str]
     """The user message."""
-    model: Optional[str] = None
-    """Model folder or .gguf file ('default': the embedded SmolLM2-135M-Instruct). With --adapter: the base the
-    adapter records, and a different one is refused."""
+    model: ModelPath = None
     adapter: Optional[str] = None
     """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
     system: Optional[str] = None
@@ -38,12 +41,9 @@ class GenerateConfig:
     """Nucleus sampling threshold when sampling."""
     seed: int = 0
     """Sampling seed."""
-    dtype: Optional[ModelDtype] = None
-    """Model dtype (default float32)."""
-    allow_pickle: bool = False
-    """Allow pickle (.bin) weights."""
-    trust_remote_code: bool = False
-    """Run model code shipped with the model folder."""
+    dtype: Dtype = None
+    allow_pickle: AllowPickle = False
+    trust_remote_code: TrustRemoteCode = False
 
 
 def run(config: GenerateConfig, echo=print, given=None) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lorafit.commands.common import print_settings
+from lorafit.commands.model_options import ModelPath, TrustRemoteCode
 from lorafit.config import parse_targets
 from lorafit.errors import LorafitError
 
@@ -19,20 +20,18 @@ from lorafit.errors import LorafitError
 class InspectConfig:
     """Show which modules LoRA would adapt and how many parameters that adds."""
 
-    model: Optional[str] = None
-    """Model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
+    model: ModelPath = None
     model_config: Optional[str] = None
     """A model's config.json instead of a model (nothing is loaded but the shapes)."""
-    targets: Optional[str] = None
-    """Comma-separated module names, 'all-linear' or a regex (default: the architecture's usual choice)."""
+    targets: Optional[list[str]] = None
+    """Module names (space- or comma-separated), 'all-linear' or one regex (default: the architecture's usual choice)."""
     r: int = 8
     """LoRA rank."""
-    layers: Optional[str] = None
-    """Comma-separated block indices to adapt (default: all)."""
+    layers: Optional[list[int]] = None
+    """Only these block indices (e.g. --layers 0 1 2)."""
     all: bool = False
     """List every module path instead of one line per module name."""
-    trust_remote_code: bool = False
-    """Run model code shipped with the model folder."""
+    trust_remote_code: TrustRemoteCode = False
 
 
 def _shape(module) -> str:
@@ -59,11 +58,7 @@ def run(config: InspectConfig, echo=print, given=None) -> str:
     source = config.model_config or resolve_model_folder(None if config.model == "default" else config.model)
     model_config = load_config(source, trust_remote_code=config.trust_remote_code)
     model = build_on_meta(model_config, trust_remote_code=config.trust_remote_code)
-    try:
-        layers = [int(i) for i in config.layers.split(",")] if config.layers else None
-    except ValueError:
-        raise LorafitError(f"--layers must be comma-separated integers, got {config.layers!r}") from None
-    lora = LoraConfig(r=config.r, target_modules=parse_targets(config.targets), layers=layers)
+    lora = LoraConfig(r=config.r, target_modules=parse_targets(config.targets), layers=config.layers)
     selected = set(select_modules(model, lora))
     modules = [(path, m) for path, m in model.named_modules() if isinstance(m, adaptable_types())]
 

@@ -12,10 +12,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from lorafit.commands.common import print_settings
-from lorafit.config import ModelDtype
+from lorafit.commands.model_options import (
+    AllowPickle,
+    Dtype,
+    ModelPath,
+    TrustRemoteCode,
+)
 from lorafit.errors import LorafitError
 
 MARKER = "lorafit-merge.json"
@@ -29,17 +33,12 @@ class MergeConfig:
     """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
     output: str
     """Folder for the merged model."""
-    model: Optional[str] = None
-    """Base model folder or .gguf file ('default': the embedded SmolLM2-135M-Instruct). By default the base the
-    adapter records; a different one is refused."""
+    model: ModelPath = None
     overwrite: bool = False
     """Replace an earlier `lorafit merge` output (only a folder it wrote, holding only its files)."""
-    dtype: Optional[ModelDtype] = None
-    """dtype to load and save in (default float32)."""
-    allow_pickle: bool = False
-    """Allow pickle (.bin) weights."""
-    trust_remote_code: bool = False
-    """Run model code shipped with the model folder."""
+    dtype: Dtype = None
+    allow_pickle: AllowPickle = False
+    trust_remote_code: TrustRemoteCode = False
 
 
 def check_output(output: Path, overwrite: bool, protected: dict[str, Path]) -> None:

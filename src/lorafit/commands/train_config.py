@@ -14,6 +14,12 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Literal, Optional
 
+from lorafit.commands.model_options import (
+    AllowPickle,
+    Dtype,
+    ModelPath,
+    TrustRemoteCode,
+)
 from lorafit.config import ModelDtype, parse_targets
 from lorafit.errors import LorafitError
 from lorafit.methods import entries, entry_for
@@ -27,8 +33,7 @@ MethodName = Literal[tuple(spelling for entry in entries() for spelling in entry
 class TrainSettings:
     """The settings of `lorafit train` every method shares; TrainConfig adds each method's own options."""
 
-    model: Optional[str] = None
-    """Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct, also named 'default')."""
+    model: ModelPath = None
     data: Optional[str] = None
     """JSONL/JSON instruction data: alpaca, chat messages, ShareGPT, prompt/completion or text records
     (default: the built-in date-rewriting task)."""
@@ -39,9 +44,9 @@ class TrainSettings:
     (the built-in task holds out its own 100 examples)."""
     method: MethodName = "lora"
     """Adapter method (its own flags are refused with another method)."""
-    targets: Optional[str] = None
-    """Comma-separated module names, 'all-linear', or a regex (default: the architecture's usual choice,
-    q_proj,v_proj for Llama)."""
+    targets: Optional[list[str]] = None
+    """Module names (exact or dotted suffix; space- or comma-separated), 'all-linear', or one regex over full module
+    paths (default: the architecture's usual choice, q_proj v_proj for Llama)."""
     steps: Optional[int] = None
     """Optimizer steps (default: one epoch; the built-in task uses its preset). With --resume: more steps than the
     run had continues it further (the cosine schedule then spans the new total)."""
@@ -95,12 +100,9 @@ class TrainSettings:
     come from its config.yaml; flags that would change them are refused."""
     overwrite: bool = False
     """Replace an earlier run in --output (only a folder lorafit made, holding only what it wrote)."""
-    dtype: Optional[ModelDtype] = None
-    """Base model dtype: float32, bfloat16, float16 (default float32)."""
-    allow_pickle: bool = False
-    """Allow pickle (.bin) weights, which can run code when loaded."""
-    trust_remote_code: bool = False
-    """Run model code shipped with the model folder."""
+    dtype: Dtype = None
+    allow_pickle: AllowPickle = False
+    trust_remote_code: TrustRemoteCode = False
 
 
 def _with_method_options(settings: type) -> type:

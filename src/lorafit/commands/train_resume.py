@@ -23,6 +23,7 @@ from lorafit.commands.train_config import (
     check_settings,
     flag,
 )
+from lorafit.config import parse_targets
 from lorafit.errors import LorafitError
 from lorafit.train import run_folder
 from lorafit.train.run_folder import CONFIG
@@ -72,6 +73,8 @@ def restore_run_settings(config: TrainConfig, given: set[str]) -> tuple[TrainCon
         now, then = getattr(config, name), saved.get(name)
         if name in PATH_SETTINGS:
             now, then = absolute(now), absolute(then)
+        elif name in ("targets", "feedforward_targets"):  # q_proj,v_proj and [q_proj, v_proj] are the same
+            now, then = parse_targets(now), parse_targets(then)
         if now != then:
             conflicts.append(f"{flag(name)} {now} now, {then} in the run")
     if conflicts:

@@ -34,8 +34,8 @@ class LoraOptions:
 class IA3Options:
     """IA3 (--method ia3)."""
 
-    feedforward_targets: Optional[str] = None
-    """IA3: comma-separated targets whose input is scaled (default: the architecture's, down_proj for Llama)."""
+    feedforward_targets: Optional[list[str]] = None
+    """IA3: the targets whose input is scaled, not their output (default: the architecture's, down_proj for Llama)."""
 
 
 @dataclass
