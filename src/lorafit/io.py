@@ -52,6 +52,8 @@ _UNSUPPORTED_WHEN_SET = {
     "alora_invocation_tokens", "use_qalora", "use_bdlora", "arrow_config", "kasa_config",
     "lora_ga_config", "monteclora_config", "velora_config",
 }
+
+
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):

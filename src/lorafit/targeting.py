@@ -181,14 +181,16 @@ def select_modules(model: nn.Module, config, allowed_types: tuple[type, ...] | N
 
 
 def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every named module except those inside a lorafit wrapper (its base layer, its adapters' parts)."""
-    modules, wrapped = {}, []
+    """Every named module except those inside a lorafit wrapper (its base layer, its adapters' parts).
+
+    named_modules() walks the tree depth-first, so a wrapper's insides come right after it.
+    """
+    modules, inside = {}, None
     for path, module in model.named_modules():
-        if not path or any(path.startswith(w + ".") for w in wrapped):
+        if not path or (inside is not None and path.startswith(inside)):
             continue
         modules[path] = module
-        if isinstance(module, AdapterWrapper):
-            wrapped.append(path)
+        inside = path + "." if isinstance(module, AdapterWrapper) else None
     return modules
 
 

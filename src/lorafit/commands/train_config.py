@@ -128,6 +128,7 @@ TrainConfig = _with_method_options(TrainSettings)
 
 DEFAULT_LR = 2e-4
 
+
 def method_settings() -> dict[str, tuple[str, ...]]:
     """Setting -> the --method names that use it, for every option a method declares."""
     owners: dict[str, tuple[str, ...]] = {}
@@ -135,6 +136,8 @@ def method_settings() -> dict[str, tuple[str, ...]]:
         for option in fields(entry.options) if entry.options else ():
             owners[option.name] = owners.get(option.name, ()) + entry.spellings
     return owners
+
+
 # What --resume takes from the command line; every other setting comes from the run's config.yaml.
 RESUME_MAY_CHANGE = ("steps", "epochs", "eval_every", "eval_examples", "max_new_tokens", "save_every",
                      "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "compile", "row_tokens")

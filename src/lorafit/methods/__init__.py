@@ -15,7 +15,6 @@ from lorafit.methods.registry import (
     methods,
     register,
     unregister,
-    wrapper_classes,
 )
 
 register(MethodEntry("lora", "lorafit.methods.lora", LoraOptions, cli_names=("lora", "dora")))
@@ -23,4 +22,4 @@ register(MethodEntry("ia3", "lorafit.methods.ia3", IA3Options))
 register(MethodEntry("bitfit", "lorafit.methods.bitfit", BitFitOptions))
 
 __all__ = ["Method", "MethodEntry", "entries", "entry_for", "method_for_peft_type", "method_of", "methods",
-           "register", "unregister", "wrapper_classes"]
+           "register", "unregister"]

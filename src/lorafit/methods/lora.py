@@ -134,7 +134,6 @@ class LoraConfig:
         return values
 
 
-
 # -- choosing and wrapping modules -------------------------------------------------------------------------
 def select(model: nn.Module, config: LoraConfig) -> list[str]:
     paths = select_modules(model, config)

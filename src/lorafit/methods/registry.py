@@ -106,7 +106,3 @@ def method_for_peft_type(peft_type) -> Method | None:
         if method.peft_type == peft_type:
             return method
     return None
-
-
-def wrapper_classes() -> tuple:
-    return tuple(w for method in methods() for w in method.wrappers)
