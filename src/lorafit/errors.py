@@ -15,3 +15,9 @@ def brief(names: list[str], shown: int = 6) -> str:
         return "nothing"
     more = f", ... {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def first_line(err: BaseException) -> str:
+    """The error's first non-blank line, or its type's name when its message is empty."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

@@ -26,9 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.files import apply_default_permissions
-from lorafit.model_checks import first_line
 
 log = logging.getLogger(__name__)
 

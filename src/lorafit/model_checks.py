@@ -1,7 +1,6 @@
 """Checks on the model a user named, made before transformers reads it, so that each problem is a
 LorafitError naming the file: the path exists, config.json is readable and names a model type this
 transformers knows, the weights are safetensors (pickle only when allowed) and none is truncated.
-Also first_line, which cuts the multi-line errors of transformers and safetensors to one line for them.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from lorafit.errors import LorafitError, brief
+from lorafit.errors import LorafitError, brief, first_line
 
 
 def existing_model_path(spec: str | os.PathLike) -> Path:
@@ -109,9 +108,3 @@ def check_safetensors_files(folder: Path) -> None:
             raise LorafitError(
                 f"{path}: not a readable safetensors file (truncated or corrupted?): {first_line(err)}"
             ) from err
-
-
-def first_line(err: BaseException) -> str:
-    """The error's first non-blank line, or its type's name when its message is empty."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.gguf_model import cached_conversion, default_model_path
 from lorafit.model_checks import (
     check_model_type,
@@ -31,7 +31,6 @@ from lorafit.model_checks import (
     check_weights,
     existing_model_path,
     find_config_file,
-    first_line,
     read_config_json,
 )
 

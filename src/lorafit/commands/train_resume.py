@@ -24,7 +24,7 @@ from lorafit.commands.train_config import (
     flag,
 )
 from lorafit.config import parse_targets
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, first_line
 from lorafit.train import run_folder
 from lorafit.train.run_folder import CONFIG
 
@@ -53,7 +53,7 @@ def read_run_settings(run: Path) -> dict:
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise LorafitError(f"{path} is damaged ({str(err).splitlines()[0]}); the run's settings cannot be read") from None
+        raise LorafitError(f"{path} is damaged ({first_line(err)}); the run's settings cannot be read") from None
     known = {f.name for f in fields(TrainConfig)}
     if not isinstance(saved, dict) or not set(saved) <= known:
         odd = sorted(set(saved) - known) if isinstance(saved, dict) else [type(saved).__name__]
