@@ -38,6 +38,10 @@ _EXPORTS = {
     "LoraConfig": "lorafit.methods.lora",
     "LorafitError": "lorafit.errors",
     "load_adapter": "lorafit.io",
+    "load_model_and_tokenizer": "lorafit.models",
+    "QuantizeSettings": "lorafit.quantize",
+    "dequantize_model": "lorafit.quantize",
+    "quantize_model": "lorafit.quantize",
     "save_adapter": "lorafit.io",
 }
 

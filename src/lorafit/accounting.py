@@ -27,15 +27,22 @@ class ParameterCount:
 
 
 def trainable_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable, total and adapter parameter counts; numel only, so no weight needs to exist."""
+    """Trainable, total and adapter parameter counts; numel only, so no weight needs to exist.
+
+    A 4/8-bit weight counts as the out × in values it stands for (bitsandbytes packs two 4-bit values per
+    byte into a flat tensor), so a quantized model has as many parameters as the float one.
+    """
+    from lorafit.quantize import quantized_layers
+
     adapter_ids = set()
     for module in model.modules():
         if isinstance(module, AdapterWrapper):
             for dict_name in module.adapter_parameter_dicts:
                 adapter_ids.update(id(p) for p in getattr(module, dict_name).values())
+    logical = {id(layer.weight): layer.in_features * layer.out_features for _, layer in quantized_layers(model)}
     trainable = total = adapter = 0
     for parameter in model.parameters():  # yields each shared tensor once
-        count = parameter.numel()
+        count = logical.get(id(parameter), parameter.numel())
         total += count
         trainable += count if parameter.requires_grad else 0
         adapter += count if id(parameter) in adapter_ids else 0

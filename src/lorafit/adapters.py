@@ -16,7 +16,7 @@ from torch import nn
 
 from lorafit.errors import LorafitError
 from lorafit.methods import method_of
-from lorafit.wrapper import AdapterWrapper
+from lorafit.wrapper import AdapterWrapper, LinearAdapterWrapper
 
 DEFAULT_ADAPTER = "default"
 
@@ -55,11 +55,12 @@ def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _adapter_dtype(weight: torch.Tensor, requested: torch.dtype | None) -> torch.dtype:
-    """Adapters train in float32 on half-precision bases: tiny updates vanish in bf16's 8-bit mantissa."""
+def _adapter_dtype(base_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """Adapters train in float32 on half-precision (and quantized) bases: tiny updates vanish in bf16's
+    8-bit mantissa. `base_dtype` is what the base layer computes in."""
     if requested is not None:
         return requested
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
 def attach(
@@ -95,7 +96,7 @@ def attach(
                 created.append(path)
             elif not isinstance(module, method.wrappers):
                 raise LorafitError(f"{path} already carries a {type(module).__name__} adapter; one method per module")
-            method.add(module, adapter_name, config, path, _adapter_dtype(module.weight, dtype), model)
+            method.add(module, adapter_name, config, path, _adapter_dtype(module.compute_dtype, dtype), model)
             module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
     except Exception:
         for path in paths:
@@ -208,13 +209,18 @@ def _tied_elsewhere(model: nn.Module, wrapper_path: str, weight: torch.Tensor) -
     return None
 
 
-def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+def merge(model: nn.Module, adapter_names: list[str] | None = None, *, requantize: bool = False) -> None:
     """W <- W + s·B·A for the given (default: active) adapters; inference then costs what the base costs.
 
     Only active adapters can be merged: a merged adapter runs whatever is active, so merging an inactive
     one would change the outputs it is not supposed to take part in. Active adapters left out keep
     running unmerged. All modules are checked first: if any merged weight would be NaN/Inf nothing at
     all is changed.
+
+    On a 4/8-bit base the merged weight would have to be quantized again, and the rounding to 16 levels
+    per block swallows most of a small update (peft#2321): refused unless `requantize=True`. Merge into
+    float instead: lorafit.quantize.dequantize_model first (the weights the adapter was trained against),
+    or load the adapter onto the original float model.
     """
     state = state_of(model)
     names = list(state.active) if adapter_names is None else list(adapter_names)
@@ -226,6 +232,12 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
                                f"activate it first (set_active_adapter), the active ones are "
                                f"{', '.join(state.active) or 'none'}")
     found = [(p, w) for p, w in wrappers(model) if any(n in w.adapter_names for n in names)]
+    quantized = [p for p, w in found if isinstance(w, LinearAdapterWrapper) and w.base.quantized]
+    if quantized and not requantize:
+        raise LorafitError(
+            f"{quantized[0]} (+{len(quantized) - 1} more) is quantized: merging into it re-quantizes W + ΔW, which "
+            "loses small updates (peft#2321); dequantize the model first (lorafit.quantize.dequantize_model), or "
+            "pass requantize=True to accept the loss")
     for path, wrapper in found:
         tied = _tied_elsewhere(model, path, wrapper.base_layer.weight)
         if tied:
@@ -246,9 +258,9 @@ def unmerge(model: nn.Module) -> None:
         wrapper.unmerge(path)
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and return the plain model: no wrapper left, same size and speed as the base."""
-    merge(model)
+    merge(model, requantize=requantize)
     return _unwrap_all(model)
 
 

@@ -3,11 +3,15 @@
 A linear-type adapter (LoRA, DoRA, IA3) needs four things from its base layer and nothing else: its
 input and output sizes, its weight as a dense (out, in) matrix (to merge, to take norms, for PiSSA's
 SVD), a way to write a merged dense weight back, and its forward. nn.Linear stores W as (out, in);
-transformers' Conv1D (GPT-2) stores it transposed. A new kind of base layer (a quantized one, say) is
-one more `LinearBase` subclass added to `LINEAR_BASES`; the adapter layers need no change.
+transformers' Conv1D (GPT-2) stores it transposed; bitsandbytes' 4-bit and 8-bit layers store it
+quantized (their dense weight is the dequantized one, exactly what their forward multiplies by). A new
+kind of base layer is one more `LinearBase` subclass added to `LINEAR_BASES`; the adapter layers need
+no change.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -21,13 +25,24 @@ class LinearBase:
         self.layer = layer
 
     @staticmethod
-    def layer_type() -> type:
-        """The module class this view is for."""
+    def layer_type() -> type | None:
+        """The module class this view is for (None: its library is not loaded, so no model has one)."""
         raise NotImplementedError
 
     @classmethod
     def accepts(cls, layer: nn.Module) -> bool:
-        return isinstance(layer, cls.layer_type())
+        kind = cls.layer_type()
+        return kind is not None and isinstance(layer, kind)
+
+    @property
+    def quantized(self) -> bool:
+        """True when writing a dense weight back would re-quantize it (and so lose small changes)."""
+        return False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype of dense_weight() (what the layer computes in)."""
+        return self.dense_weight().dtype
 
     @property
     def in_features(self) -> int:
@@ -103,13 +118,115 @@ class TransposedLinear(TorchLinear):
         self.layer.weight.data.copy_(dense.T.to(self.layer.weight.dtype))
 
 
-# The base linear layers adapters know, most specific first.
-LINEAR_BASES: list[type[LinearBase]] = [TransposedLinear, TorchLinear]
+def _bitsandbytes():
+    """bitsandbytes if something imported it (lorafit.quantize does), else None: never imported here."""
+    return sys.modules.get("bitsandbytes")
+
+
+class Linear4bitBase(LinearBase):
+    """bitsandbytes' Linear4bit (NF4/FP4, blocks of 64 weights with an absmax scale each; QLoRA)."""
+
+    @staticmethod
+    def layer_type() -> type | None:
+        bnb = _bitsandbytes()
+        return bnb.nn.Linear4bit if bnb else None
+
+    @property
+    def quantized(self) -> bool:
+        return True
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.out_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.weight.quant_state.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.weight.device
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantized (out, in) weight: a new tensor on every call."""
+        weight = self.layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("this Linear4bit was repacked for bitsandbytes' CPU inference kernel; "
+                               "lorafit.quantize.keep_weights_as_trained prevents that")
+        return _bitsandbytes().functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    def write_weight(self, dense: torch.Tensor) -> None:
+        """Re-quantize `dense` with the layer's settings (lossy: see adapters.merge's requantize)."""
+        bnb = _bitsandbytes()
+        weight = self.layer.weight
+        state = weight.quant_state
+        data, new_state = bnb.functional.quantize_4bit(
+            dense.to(state.dtype).contiguous(), blocksize=state.blocksize, compress_statistics=state.nested,
+            quant_type=state.quant_type, quant_storage=weight.quant_storage)
+        weight.data = data
+        weight.quant_state = new_state
+        self.layer.quant_state = new_state
+
+
+class Linear8bitBase(LinearBase):
+    """bitsandbytes' Linear8bitLt with int8 weights (LLM.int8(): one scale per output row)."""
+
+    @staticmethod
+    def layer_type() -> type | None:
+        bnb = _bitsandbytes()
+        return bnb.nn.Linear8bitLt if bnb else None
+
+    @property
+    def quantized(self) -> bool:
+        return True
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.out_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.bias.dtype if self.layer.bias is not None else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.weight.device
+
+    def _scales(self) -> torch.Tensor:
+        # Before its first forward the layer keeps the row scales on the weight, afterwards in its state.
+        scales = getattr(self.layer.weight, "SCB", None)
+        return scales if scales is not None else self.layer.state.SCB
+
+    def dense_weight(self) -> torch.Tensor:
+        """W = int8 rows × row scale / 127: a new float32 tensor on every call."""
+        return _bitsandbytes().functional.int8_vectorwise_dequant(self.layer.weight.data, self._scales())
+
+    def write_weight(self, dense: torch.Tensor) -> None:
+        """Re-quantize `dense` to int8 rows (lossy: see adapters.merge's requantize)."""
+        rows, scales, _ = _bitsandbytes().functional.int8_vectorwise_quant(dense.to(torch.float16).contiguous())
+        layer = self.layer
+        layer.weight.data = rows
+        if getattr(layer.weight, "SCB", None) is not None:
+            layer.weight.CB, layer.weight.SCB = rows, scales
+        else:
+            layer.state.CB, layer.state.SCB = rows, scales
+
+
+# The base linear layers adapters know, most specific first (bitsandbytes' layers subclass nn.Linear).
+LINEAR_BASES: list[type[LinearBase]] = [Linear4bitBase, Linear8bitBase, TransposedLinear, TorchLinear]
 
 
 def linear_types() -> tuple[type, ...]:
     """The module classes adapters treat as linear layers ("all-linear" selects these)."""
-    return tuple(kind.layer_type() for kind in LINEAR_BASES)
+    return tuple(kind for kind in (view.layer_type() for view in LINEAR_BASES) if kind is not None)
 
 
 def linear_base(layer: nn.Module) -> LinearBase:

@@ -46,22 +46,43 @@ def _samples(tensor: torch.Tensor) -> list[float]:
 
 
 def fingerprint(model: nn.Module) -> dict:
-    """The bare base model's fingerprint (call it before any adapter is attached)."""
+    """The bare base model's fingerprint (call it before any adapter is attached).
+
+    A bitsandbytes-quantized layer counts with its logical (out, in) shape and its dequantized values,
+    and is listed under "quantized": the same base loaded in float and in 4 bits then has the same
+    shapes and embeddings, and only the samples of a matrix quantized on one side are not compared.
+    """
+    from lorafit.base_layer import linear_base
+    from lorafit.quantize import quantized_layers
+
     if hasattr(model, "lorafit_state"):
         raise LorafitError("fingerprint the base model before attaching adapters to it")
-    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    dense = {f"{path}.weight": linear_base(layer) for path, layer in quantized_layers(model)}
+    shapes = {name: ([dense[name].out_features, dense[name].in_features] if name in dense else list(p.shape))
+              for name, p in model.named_parameters()}
     embedding = model.get_input_embeddings().weight
-    matrices = [(n, p) for n, p in model.named_parameters() if p.dim() == 2]
-    last_name, last = matrices[-1]
-    return {
+    last_name = [name for name, shape in shapes.items() if len(shape) == 2][-1]
+    last = dense[last_name].dense_weight() if last_name in dense else model.get_parameter(last_name)
+    record = {
         "model_type": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
         "shapes": shapes,
         "samples": {"input_embeddings": _samples(embedding), last_name: _samples(last)},
     }
+    if dense:
+        record["quantized"] = sorted(dense)
+    return record
 
 
 def base_identity(model: nn.Module, spec: str | None) -> dict:
-    return {"model": model_spec(spec), "fingerprint": fingerprint(model)}
+    """The record an adapter carries: the model as named, its fingerprint, and its bitsandbytes quantization
+    if any (so eval/generate/merge load the base as it was trained on)."""
+    from lorafit.quantize import quantization_of
+
+    record = {"model": model_spec(spec), "fingerprint": fingerprint(model)}
+    quantization = quantization_of(model)
+    if quantization is not None:
+        record["quantize"] = quantization.to_record()
+    return record
 
 
 def _close(a: float, b: float) -> bool:
@@ -80,7 +101,10 @@ def mismatch(recorded: dict, model: nn.Module) -> str | None:
                 return f"weight shapes differ ({name}: {there[name]} there, {here[name]} here)"
         only_there, only_here = sorted(set(there) - set(here)), sorted(set(here) - set(there))
         return (f"other weights ({only_there[0]} only there)" if only_there else f"other weights ({only_here[0]} only here)")
+    quantized_there, quantized_here = set(recorded.get("quantized") or []), set(now.get("quantized", []))
     for name, values in (recorded.get("samples") or {}).items():
+        if (name in quantized_there) != (name in quantized_here):
+            continue  # float on one side, 4/8-bit on the other: the values differ by design
         mine = now["samples"].get(name)
         if mine is None or len(mine) != len(values) or not all(_close(a, b) for a, b in zip(values, mine)):
             return f"same shapes but other weights ({name} differs)"

@@ -25,6 +25,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from lorafit.errors import LorafitError, first_line
 from lorafit.gguf_model import cached_conversion, default_model_path
+from lorafit.quantize import (
+    INT8_THRESHOLD,
+    QuantizeSettings,
+    import_bitsandbytes,
+    keep_weights_as_trained,
+)
 from lorafit.model_checks import (
     check_model_type,
     check_safetensors_files,
@@ -71,6 +77,7 @@ def load_model_and_tokenizer(
     device: torch.device | str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    quantize: QuantizeSettings | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from local files.
 
@@ -80,6 +87,9 @@ def load_model_and_tokenizer(
     device: where the model goes; default "cuda" when available, else "cpu".
     allow_pickle: also accept pytorch_model.bin weights, which run code when unpickled. Off by default.
     trust_remote_code: run modeling code shipped inside the folder (auto_map in config.json).
+    quantize: store the linear layers (not the head) in 4 or 8 bits with bitsandbytes, quantized tensor
+        by tensor as they load (the float model is never whole in memory); compute in `dtype`. A folder
+        bitsandbytes already quantized (config.json's quantization_config) loads as it is, without this.
 
     The weights' folder is `model.name_or_path` (the cache folder for a .gguf). A tokenizer without a pad
     token gets pad = eos: batches need some id in padded positions, the attention mask and the -100 labels
@@ -94,6 +104,7 @@ def load_model_and_tokenizer(
     if use_safetensors:
         check_safetensors_files(folder)
     tokenizer = _load_tokenizer(folder, trust_remote_code)
+    quantization = _quantization_arguments(folder, config_data, quantize, torch_dtype, torch_device)
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -103,6 +114,7 @@ def load_model_and_tokenizer(
             use_safetensors=use_safetensors,
             dtype=torch_dtype,
             output_loading_info=True,
+            **quantization,
         )
     except SafetensorError as err:  # what check_safetensors_files cannot see, e.g. a file changed since
         raise LorafitError(
@@ -127,7 +139,53 @@ def load_model_and_tokenizer(
     if info["unexpected_keys"]:
         log.warning("%s: %d checkpoint weights were not used, e.g. %s", folder,
                     len(info["unexpected_keys"]), sorted(info["unexpected_keys"])[:3])
+    if quantization:  # placed by device_map already (transformers refuses .to() on a quantized model)
+        keep_weights_as_trained(model)
+        return model, tokenizer
     return model.to(torch_device), tokenizer
+
+
+def prequantized_settings(folder: Path, config_data: dict) -> QuantizeSettings | None:
+    """The bitsandbytes quantization a folder's config.json declares (None: a float folder)."""
+    declared = config_data.get("quantization_config")
+    if not declared:
+        return None
+    where = f"{folder / 'config.json'}: quantization_config"
+    method = declared.get("quant_method") if isinstance(declared, dict) else None
+    if method != "bitsandbytes":
+        raise LorafitError(f"{where}.quant_method is {method!r}, which lorafit does not read (it reads bitsandbytes "
+                           "4-bit and 8-bit folders); give the float model and --quantize nf4|fp4|int8")
+    if declared.get("load_in_8bit"):
+        return QuantizeSettings("int8")
+    if declared.get("load_in_4bit"):
+        kind = declared.get("bnb_4bit_quant_type", "fp4")
+        if kind not in ("nf4", "fp4"):
+            raise LorafitError(f"{where}.bnb_4bit_quant_type is {kind!r}; lorafit reads nf4 and fp4")
+        return QuantizeSettings(kind, bool(declared.get("bnb_4bit_use_double_quant", False)))
+    raise LorafitError(f"{where} sets neither load_in_4bit nor load_in_8bit")
+
+
+def _quantization_arguments(folder: Path, config_data: dict, quantize: QuantizeSettings | None,
+                            dtype: torch.dtype, device: torch.device) -> dict:
+    """Extra from_pretrained arguments for a quantized load ({} for a float one)."""
+    already = prequantized_settings(folder, config_data)
+    if already is None and quantize is None:
+        return {}
+    import_bitsandbytes()  # the one clear line when it is missing
+    if already is not None:
+        if quantize is not None and quantize.to_record() != already.to_record():
+            raise LorafitError(f"{folder} is already quantized ({already.describe()}); it cannot be loaded as "
+                               f"{quantize.describe()}: drop --quantize, or give the float model")
+        return {"device_map": {"": str(device)}}
+    from transformers import BitsAndBytesConfig
+
+    if quantize.kind == "int8":
+        settings = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD)
+    else:
+        settings = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantize.kind, bnb_4bit_use_double_quant=quantize.double_quant,
+            bnb_4bit_compute_dtype=quantize.compute_dtype or dtype)
+    return {"quantization_config": settings, "device_map": {"": str(device)}}
 
 
 def load_config(path: str | os.PathLike, *, trust_remote_code: bool = False) -> PretrainedConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafit.base_layer import linear_base
+from lorafit.base_layer import linear_base, linear_types
 from lorafit.errors import LorafitError
 
 
@@ -43,8 +43,15 @@ class AdapterWrapper(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight, so code that reads `layer.weight` (e.g. dtype checks) keeps working."""
+        """The base weight, so code that reads `layer.weight` (e.g. its device) keeps working."""
         return self.base_layer.weight
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype the base layer computes in (a quantized layer's stored weight is not float)."""
+        if isinstance(self.base_layer, linear_types()):
+            return linear_base(self.base_layer).dtype
+        return self.base_layer.weight.dtype
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]
@@ -131,7 +138,7 @@ class AdapterWrapper(nn.Module):
         """Cast to the base tensors' dtypes (fp16 can overflow here) and refuse anything non-finite."""
         cast = {}
         for tensor_name, value in new_tensors.items():
-            value = value.to(getattr(self.base_layer, tensor_name).dtype)
+            value = value.to(self._stored_dtype(tensor_name))
             if not torch.isfinite(value).all():
                 raise LorafitError(f"{what}.{tensor_name} would give NaN/Inf; refused, no weight was changed")
             cast[tensor_name] = value
@@ -140,6 +147,9 @@ class AdapterWrapper(nn.Module):
     def _assign(self, new_tensors: dict[str, torch.Tensor], what: str) -> None:
         for tensor_name, value in self._cast_and_check(new_tensors, what).items():
             self._write_base_tensor(tensor_name, value)
+
+    def _stored_dtype(self, tensor_name: str) -> torch.dtype:
+        return getattr(self.base_layer, tensor_name).dtype
 
     def _write_base_tensor(self, tensor_name: str, value: torch.Tensor) -> None:
         """Store a merged tensor in the base layer (in its stored layout unless a subclass says otherwise)."""
@@ -161,6 +171,9 @@ class LinearAdapterWrapper(AdapterWrapper):
         self.base = linear_base(base_layer)
         self.fan_in_fan_out = self.base.stores_transposed  # peft's name for a (in, out) stored weight
         self.in_features, self.out_features = self.base.in_features, self.base.out_features
+
+    def _stored_dtype(self, tensor_name: str) -> torch.dtype:
+        return self.base.dtype if tensor_name == "weight" else super()._stored_dtype(tensor_name)
 
     def _write_base_tensor(self, tensor_name: str, value: torch.Tensor) -> None:
         if tensor_name == "weight":

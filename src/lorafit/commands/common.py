@@ -79,6 +79,7 @@ def check_base_model(record: Optional[dict], model, adapter_dir: Path, given_mod
 
 
 def load_model_with_adapter(model: Optional[str], adapter: Optional[str], *, dtype: Optional[str] = None,
+                            quantize: Optional[str] = None, double_quant: bool = False,
                             allow_pickle: bool = False, trust_remote_code: bool = False, echo=print):
     """(model, tokenizer, adapter folder or None) with the adapter, if any, attached; in eval mode."""
     from lorafit.io import load_adapter
@@ -86,9 +87,37 @@ def load_model_with_adapter(model: Optional[str], adapter: Optional[str], *, dty
 
     adapter_dir = resolve_adapter_folder(adapter) if adapter is not None else None
     spec, record = choose_base_model(model, adapter_dir, echo)
+    quantization = choose_quantization(quantize, double_quant, record, adapter_dir, echo)
     base, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, allow_pickle=allow_pickle,
-                                               trust_remote_code=trust_remote_code)
+                                               trust_remote_code=trust_remote_code, quantize=quantization)
+    report_quantization(base, echo)
     if adapter_dir is not None:
         check_base_model(record, base, adapter_dir, model)
         load_adapter(base, adapter_dir, allow_pickle=allow_pickle)
     return base.eval(), tokenizer, adapter_dir
+
+
+def choose_quantization(quantize: Optional[str], double_quant: bool, record: Optional[dict],
+                        adapter_dir: Optional[Path], echo=print):
+    """The QuantizeSettings to load the base with: the flags when given, else what the adapter records."""
+    from lorafit.commands.model_options import quantize_settings
+    from lorafit.quantize import QuantizeSettings
+
+    if quantize is not None or double_quant:
+        return quantize_settings(quantize, double_quant)
+    recorded = QuantizeSettings.from_record((record or {}).get("quantize"))
+    if recorded is not None:
+        echo(f"quantize: {recorded.describe()} (the base quantization recorded in {adapter_dir}; "
+             "--quantize none loads the float base)")
+    return recorded
+
+
+def report_quantization(model, echo=print) -> Optional[dict]:
+    """Print what a quantized load did; its record (None for a float model)."""
+    from lorafit.quantize import quantize_report
+
+    report = quantize_report(model)
+    if report is None:
+        return None
+    echo(report.summary())
+    return report.to_record()

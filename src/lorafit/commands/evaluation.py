@@ -13,9 +13,11 @@ from typing import Optional
 
 from lorafit.commands.common import print_settings
 from lorafit.commands.model_options import (
+    DoubleQuant,
     AllowPickle,
     Dtype,
     ModelPath,
+    Quantize,
     TrustRemoteCode,
 )
 from lorafit.errors import LorafitError
@@ -41,6 +43,8 @@ class EvalConfig:
     json: bool = False
     """Print the metrics as one JSON object (the settings then go to stderr)."""
     dtype: Dtype = None
+    quantize: Quantize = None
+    double_quant: DoubleQuant = False
     allow_pickle: AllowPickle = False
     trust_remote_code: TrustRemoteCode = False
 
@@ -64,6 +68,7 @@ def run(config: EvalConfig, echo=print, given=None) -> dict:
             note(f"warning: {ignored}")
         conversations = loaded.conversations
     model, tokenizer, _ = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
+                                                  quantize=config.quantize, double_quant=config.double_quant,
                                                   allow_pickle=config.allow_pickle,
                                                   trust_remote_code=config.trust_remote_code, echo=note)
     held = held_out_set(tokenizer, conversations, config.max_length, source=config.data or "the built-in task")

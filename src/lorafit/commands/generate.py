@@ -14,9 +14,11 @@ import tyro
 
 from lorafit.commands.common import print_settings
 from lorafit.commands.model_options import (
+    DoubleQuant,
     AllowPickle,
     Dtype,
     ModelPath,
+    Quantize,
     TrustRemoteCode,
 )
 from lorafit.errors import LorafitError
@@ -42,6 +44,8 @@ class GenerateConfig:
     seed: int = 0
     """Sampling seed."""
     dtype: Dtype = None
+    quantize: Quantize = None
+    double_quant: DoubleQuant = False
     allow_pickle: AllowPickle = False
     trust_remote_code: TrustRemoteCode = False
 
@@ -68,6 +72,7 @@ def run(config: GenerateConfig, echo=print, given=None) -> str:
                                "does not use it: give --temperature > 0 too")
     print_settings(config, to_stderr=True)
     model, tokenizer, _ = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
+                                                  quantize=config.quantize, double_quant=config.double_quant,
                                                   allow_pickle=config.allow_pickle,
                                                   trust_remote_code=config.trust_remote_code,
                                                   echo=lambda line: print(line, file=sys.stderr))

@@ -1,7 +1,10 @@
 """`lorafit merge`: W <- W + s·B·A, saved as a plain transformers folder (no adapter, no lorafit needed).
 
 The output folder gets `lorafit-merge.json` beside the model files: where the merge came from and
-which files lorafit wrote. `--overwrite` replaces only such a folder holding only those files; the
+which files lorafit wrote. An adapter trained on a 4/8-bit base (`--quantize`, recorded in the adapter)
+merges into float weights: by default the dequantized base it was trained against (`--merge-into
+dequantized`), or the original float weights (`original`); re-quantizing the merged weights
+(`quantized`) loses small updates and is refused without `--force-requantize`. `--overwrite` replaces only such a folder holding only those files; the
 base model's folder, the adapter's, and any folder holding them are refused outright.
 """
 
@@ -12,17 +15,24 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 from lorafit.commands.common import print_settings
 from lorafit.commands.model_options import (
     AllowPickle,
+    DoubleQuant,
     Dtype,
     ModelPath,
+    Quantize,
     TrustRemoteCode,
 )
 from lorafit.errors import LorafitError
 
 MARKER = "lorafit-merge.json"
+# Measured on the built-in task (bench/quantized_merge.py, bench/RESULTS.md): merging into the
+# dequantized base reproduces the adapter on its quantized base; see the README's "Quantized base".
+DEFAULT_MERGE_INTO = "dequantized"
+MergeInto = Literal["dequantized", "original", "quantized"]
 
 
 @dataclass
@@ -37,6 +47,13 @@ class MergeConfig:
     overwrite: bool = False
     """Replace an earlier `lorafit merge` output (only a folder it wrote, holding only its files)."""
     dtype: Dtype = None
+    quantize: Quantize = None
+    double_quant: DoubleQuant = False
+    merge_into: Optional[MergeInto] = None
+    """For an adapter trained on a quantized base: merge into the dequantized base it was trained against
+    (default), the original float weights, or re-quantize the result (lossy; needs --force-requantize)."""
+    force_requantize: bool = False
+    """Accept that --merge-into quantized rounds away small updates (peft#2321)."""
     allow_pickle: AllowPickle = False
     trust_remote_code: TrustRemoteCode = False
 
@@ -72,11 +89,14 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
     from lorafit.commands.common import (
         check_base_model,
         choose_base_model,
+        choose_quantization,
+        report_quantization,
         resolve_adapter_folder,
     )
     from lorafit.files import apply_default_permissions, explain_write_errors
     from lorafit.io import load_adapter
     from lorafit.models import load_model_and_tokenizer, resolve_model_folder
+    from lorafit.quantize import dequantize_model
 
     print_settings(config)
     output = Path(config.output)
@@ -86,12 +106,18 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
     if spec is not None:
         protected["the base model"] = Path(spec)
     check_output(output, config.overwrite, protected)
+    quantization = choose_quantization(config.quantize, config.double_quant, record, adapter_dir, echo)
+    into = _merge_target(config, quantization, echo)
 
     model, tokenizer = load_model_and_tokenizer(spec, dtype=config.dtype, allow_pickle=config.allow_pickle,
-                                                trust_remote_code=config.trust_remote_code)
+                                                trust_remote_code=config.trust_remote_code,
+                                                quantize=None if into == "original" else quantization)
+    report_quantization(model, echo)
     check_base_model(record, model, adapter_dir, config.model)
     load_adapter(model, adapter_dir, allow_pickle=config.allow_pickle)
-    merged = merge_and_unload(model.eval())
+    if into == "dequantized":
+        dequantize_model(model)
+    merged = merge_and_unload(model.eval(), requantize=into == "quantized")
     _declare_added_biases(merged)
     _check_config_describes(merged)
     # Write beside the target and rename: a crash never leaves a half-written model folder.
@@ -106,6 +132,7 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
                 "lorafit_merge": 1, "adapter": str(adapter_dir.resolve()),
                 "base_model": record["model"] if record else str(spec or "default"),
                 "dtype": str(merged.dtype).removeprefix("torch."), "files": files,
+                **({"trained_on": quantization.to_record(), "merged_into": into} if quantization else {}),
             }, indent=2) + "\n", encoding="utf-8")
             apply_default_permissions(temporary)
             if output.exists():
@@ -116,6 +143,27 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
         shutil.rmtree(temporary, ignore_errors=True)
     echo(f"merged model saved to {output}")
     return output
+
+
+def _merge_target(config: MergeConfig, quantization, echo) -> Optional[str]:
+    """What the adapter merges into: None for a float base; for a quantized one, --merge-into (checked)."""
+    if quantization is None:
+        if config.merge_into is not None or config.force_requantize:
+            raise LorafitError("--merge-into and --force-requantize apply to an adapter trained on a quantized base "
+                               "(this one records none; give --quantize if it was)")
+        return None
+    into = config.merge_into or DEFAULT_MERGE_INTO
+    if into == "quantized" and not config.force_requantize:
+        raise LorafitError("--merge-into quantized re-quantizes W + ΔW, and the rounding to 4/8 bits swallows most "
+                           "of a small update (peft#2321): pass --force-requantize to accept that, or merge into "
+                           "float (--merge-into dequantized or original)")
+    if config.force_requantize and into != "quantized":
+        raise LorafitError("--force-requantize applies to --merge-into quantized")
+    why = {"dequantized": "the weights the adapter was trained against, in float",
+           "original": "the original float weights",
+           "quantized": "re-quantized: small updates are lost"}[into]
+    echo(f"merge into: {into} ({why})")
+    return into
 
 
 # Llama-family configs switch all attention / all MLP biases on or off with one flag each.
@@ -148,10 +196,14 @@ def _check_config_describes(model) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from lorafit.quantize import quantized_layers
+
     with torch.device("meta"):
         rebuilt = AutoModelForCausalLM.from_config(model.config)
     expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    quantized = tuple(f"{path}." for path, _ in quantized_layers(model))  # their scales are extra keys
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()
+              if not (k.startswith(quantized) and k.rpartition(".")[2] != "bias")}
     extra = sorted(set(actual) - set(expected))
     if extra:
         raise LorafitError(

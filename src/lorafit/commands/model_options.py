@@ -6,11 +6,12 @@ these types; tyro reads the help from here. Light: no torch, so `--help` answers
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import tyro
 
 from lorafit.config import ModelDtype
+from lorafit.errors import LorafitError
 
 ModelPath = Annotated[Optional[str], tyro.conf.arg(help=(
     "Model folder or .gguf file; 'default' is the embedded SmolLM2-135M-Instruct, which is also what train and "
@@ -19,3 +20,22 @@ Dtype = Annotated[Optional[ModelDtype], tyro.conf.arg(help=(
     "dtype the base model is loaded in (and merge saves in): float32 unless given."))]
 AllowPickle = Annotated[bool, tyro.conf.arg(help="Allow pickle (.bin) weights, which can run code when loaded.")]
 TrustRemoteCode = Annotated[bool, tyro.conf.arg(help="Run model code shipped with the model folder.")]
+Quantize = Annotated[Optional[Literal["nf4", "fp4", "int8", "none"]], tyro.conf.arg(help=(
+    "Store the base model's linear layers (not embeddings, head, norms) in 4-bit NF4/FP4 (QLoRA) or 8-bit with "
+    "bitsandbytes; adapters train in float beside them. With an adapter: by default the quantization it was "
+    "trained on (recorded in it); 'none' loads the float base."))]
+DoubleQuant = Annotated[bool, tyro.conf.arg(help="With --quantize nf4/fp4: also quantize the 4-bit scales (QLoRA's "
+                                            "double quantization, ~0.4 bit per weight less).")]
+
+
+def quantize_settings(kind: Optional[str], double_quant: bool, flag: str = "--quantize"):
+    """lorafit.quantize.QuantizeSettings for the flags (None for no quantization); imports no torch until used."""
+    if double_quant and kind in (None, "none", "int8"):
+        raise LorafitError(f"--double-quant applies to {flag} nf4 or fp4")
+    if kind in (None, "none"):
+        return None
+    from lorafit.quantize import KINDS, QuantizeSettings
+
+    if kind not in KINDS:  # a library caller's value
+        raise LorafitError(f"{flag} {kind!r} is unknown; use nf4, fp4, int8 or none")
+    return QuantizeSettings(kind, double_quant)

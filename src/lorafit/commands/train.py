@@ -18,6 +18,8 @@ from typing import Optional
 
 import yaml
 
+from lorafit.commands.common import report_quantization
+from lorafit.commands.model_options import quantize_settings
 from lorafit.commands.train_config import (
     DEFAULT_LR,
     PATH_SETTINGS,
@@ -28,6 +30,7 @@ from lorafit.commands.train_config import (
     learning_rate_ratios,
 )
 from lorafit.commands.train_resume import (
+    REPORT_KEY,
     absolute,
     check_resume_length,
     check_same_base,
@@ -71,8 +74,10 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
 
     model, tokenizer = load_model_and_tokenizer(absolute(config.model), dtype=config.dtype,
                                                 allow_pickle=config.allow_pickle,
-                                                trust_remote_code=config.trust_remote_code)
+                                                trust_remote_code=config.trust_remote_code,
+                                                quantize=quantize_settings(config.quantize, config.double_quant))
     echo(f"model: {model.name_or_path} ({type(model).__name__}, {model.dtype}, {model.device})")
+    quantized = report_quantization(model, echo)
     identity = base_identity(model, config.model)
     if resume is not None:
         check_same_base(start.record, model, run_dir)
@@ -117,11 +122,12 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
 
     # Only now, with everything checked and loaded, is the run folder written.
     resolved = {**asdict(config), "steps": steps, "lr": lr, "warmup_steps": warmup, "output": str(run_dir),
-                "resume": None, **{name: absolute(getattr(config, name)) for name in PATH_SETTINGS}}
+                "resume": None, **{name: absolute(getattr(config, name)) for name in PATH_SETTINGS},
+                **({REPORT_KEY: quantized} if quantized else {})}
     if resume is None:
         _write_run_start(run_dir, config, resolved, identity, before)
     else:
-        if resolved != {**read_run_settings(run_dir), "resume": None}:
+        if resolved != {**read_run_settings(run_dir, keep_report=True), "resume": None}:
             write_text(run_dir / CONFIG, _yaml(resolved))  # a longer run, or other save/eval settings
         # in progress again: a kill before the end leaves a run that resume completes
         write_json(run_dir / run_folder.METRICS, {"before": before, "after": None}, sort_keys=False)

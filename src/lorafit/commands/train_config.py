@@ -16,9 +16,12 @@ from typing import Literal, Optional
 
 from lorafit.commands.model_options import (
     AllowPickle,
+    DoubleQuant,
     Dtype,
     ModelPath,
+    Quantize,
     TrustRemoteCode,
+    quantize_settings,
 )
 from lorafit.config import ModelDtype, parse_targets
 from lorafit.errors import LorafitError
@@ -101,6 +104,8 @@ class TrainSettings:
     overwrite: bool = False
     """Replace an earlier run in --output (only a folder lorafit made, holding only what it wrote)."""
     dtype: Dtype = None
+    quantize: Quantize = None
+    double_quant: DoubleQuant = False
     allow_pickle: AllowPickle = False
     trust_remote_code: TrustRemoteCode = False
 
@@ -200,6 +205,7 @@ def check_settings(config: TrainConfig, given: set[str]) -> None:
         raise LorafitError("give --steps or --epochs, not both")
     if config.dtype is not None and config.dtype not in typing.get_args(ModelDtype):  # a library caller's value
         raise LorafitError(f"--dtype {config.dtype!r} is unknown; use float32, bfloat16 or float16")
+    quantize_settings(config.quantize, config.double_quant)
     if config.data is None:
         if config.eval_data:
             raise LorafitError("--eval-data needs --data (the built-in task makes its own held-out split)")

@@ -48,13 +48,19 @@ def _locate_resume(resume: str) -> tuple[Path, Optional[Path]]:
     return path, checkpoint
 
 
-def read_run_settings(run: Path) -> dict:
+# config.yaml's one key that is not a setting: what --quantize did (layers, what stayed float, sizes).
+REPORT_KEY = "quantized"
+
+
+def read_run_settings(run: Path, keep_report: bool = False) -> dict:
     path = run / CONFIG
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise LorafitError(f"{path} is damaged ({first_line(err)}); the run's settings cannot be read") from None
-    known = {f.name for f in fields(TrainConfig)}
+    if isinstance(saved, dict) and not keep_report:
+        saved.pop(REPORT_KEY, None)
+    known = {f.name for f in fields(TrainConfig)} | ({REPORT_KEY} if keep_report else set())
     if not isinstance(saved, dict) or not set(saved) <= known:
         odd = sorted(set(saved) - known) if isinstance(saved, dict) else [type(saved).__name__]
         raise LorafitError(f"{path} is not a lorafit run's settings (unexpected: {', '.join(map(str, odd))})")

@@ -277,5 +277,9 @@ def variant_for(spec, layer, module_path: str) -> LoraVariant | None:
     if spec.use_dora:
         return DoraUpdate()
     if spec.init == "pissa":
+        if layer.base.quantized:
+            raise LorafitError(f"{module_path}: init='pissa' replaces the base weight by its residual W - s·B0·A0, "
+                               "which on a quantized base means re-quantizing it (losing precision); train PiSSA "
+                               "on a float base (no --quantize)")
         return PissaStart()
     return None

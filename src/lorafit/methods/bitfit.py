@@ -152,7 +152,7 @@ class BitFitWrapper(AdapterWrapper):
         if self.base_layer.bias is None and any(n not in self.merged_adapters and n in self.bitfit_bias for n in names):
             if not isinstance(self.base_layer, (nn.Linear, nn.LayerNorm)):
                 raise LorafitError(f"{module_path} ({type(self.base_layer).__name__}) has no bias to merge into")
-            self.base_layer.bias = nn.Parameter(torch.zeros(self.out_features, dtype=self.weight.dtype,
+            self.base_layer.bias = nn.Parameter(torch.zeros(self.out_features, dtype=self.compute_dtype,
                                                             device=self.weight.device), requires_grad=False)
             self.bias_created_by_merge = True
         super().merge(names, module_path)
@@ -165,7 +165,7 @@ class BitFitWrapper(AdapterWrapper):
     def _check_finite_where_bias_may_be_missing(self, tensors: dict[str, torch.Tensor], name: str, module_path: str) -> None:
         for tensor_name, value in tensors.items():
             current = getattr(self.base_layer, tensor_name)
-            dtype = current.dtype if current is not None else self.weight.dtype
+            dtype = current.dtype if current is not None else self.compute_dtype
             if not torch.isfinite(value.to(dtype)).all():
                 raise LorafitError(f"merging adapter {name!r} into {module_path}.{tensor_name} would give NaN/Inf; "
                                    "refused, no weight was changed")
