@@ -3,6 +3,7 @@
     .venv/bin/python bench/profile_step.py                       # r=8 q,v, built-in date task, batch 8
     .venv/bin/python bench/profile_step.py --data varlen --batch 4  # the 4th batch of the variable-length set
     .venv/bin/python bench/profile_step.py --batch 6 --saved-tensors  # what the forward keeps for backward
+    .venv/bin/python bench/profile_step.py --precision bf16         # the base in bf16 (or nf4)
 
 Warm-up steps on the same batch first (allocator, thread pool), then one profiled step. Prints the top operators by
 self CPU time and by total CPU time (the latter shows which high-level calls contain the cost).
@@ -32,11 +33,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="index in the plan of the profiled batch")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "nf4"], default="fp32",
+                        help="the frozen base's precision (bench/precision.py's loader)")
     parser.add_argument("--saved-tensors", action="store_true",
                         help="instead of timing: the bytes autograd keeps for backward, by shape and producing op")
     args = parser.parse_args()
 
-    model, tokenizer = load_base()
+    if args.precision == "fp32":
+        model, tokenizer = load_base()
+    else:
+        from precision import load
+
+        model, tokenizer = load(args.precision)
     examples = DATASETS[args.data](tokenizer)
     plan = batch_plan(examples)
     workload = QV8 if args.config == "qv8" else ALL16

@@ -93,15 +93,16 @@ CHATML_TEMPLATE = (
 )
 
 
-def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
+def write_tiny_chat_model(folder: Path, seed: int = 0, **overrides) -> Path:
     """A tiny random Llama with a byte-level ChatML tokenizer, saved as a model folder the CLI can load."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer(chat_template=CHATML_TEMPLATE)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         bos_token_id=257, eos_token_id=256, pad_token_id=256, tie_word_embeddings=False)
+    settings = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                    bos_token_id=257, eos_token_id=256, pad_token_id=256, tie_word_embeddings=False)
+    config = LlamaConfig(**{**settings, **overrides})
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -110,6 +111,16 @@ def write_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
+
+
+# Sizes that are multiples of 64: 4-bit layers with other input sizes stay float on CPU
+# (lorafit.quantize.kept_float_on_cpu), which would leave little of the tiny models above quantized.
+QUANTIZABLE = dict(hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_quantizable_chat_model(tmp_path_factory) -> Path:
+    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model-64"), **QUANTIZABLE)
 
 
 @contextmanager

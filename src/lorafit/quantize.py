@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,15 +30,17 @@ QuantizeKind = Literal["nf4", "fp4", "int8"]
 KINDS: tuple[str, ...] = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install bitsandbytes (or pip install 'lorafit[quant]')"
 BLOCK_SIZE = 64  # weights per 4-bit absmax block: bitsandbytes' and QLoRA's default
-INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, transformers' default
+# LLM.int8()'s outlier threshold (the paper's and transformers' default): input columns with a value above it
+# multiply in 16-bit, the rest of each input row is rounded to int8 (per-row absmax) for the int8 matmul.
+INT8_THRESHOLD = 6.0
 
 
 @dataclass(frozen=True)
 class QuantizeSettings:
     """How the frozen linear layers are stored.
 
-    kind: "nf4" (QLoRA's NormalFloat), "fp4", or "int8" (LLM.int8(), with its outlier threshold of 6 as
-        in transformers: on CUDA, input columns above it are multiplied in fp16; the weights are the same).
+    kind: "nf4" (QLoRA's NormalFloat), "fp4", or "int8" (LLM.int8(): int8 weights, and inputs rounded to
+        int8 per row in the forward but for outlier columns, see INT8_THRESHOLD).
     double_quant: also quantize the 4-bit absmax scales (saves ~0.37 bit per weight); 4-bit only.
     compute_dtype: what the 4-bit weights are dequantized to for each matmul; None: the dtype the model
         was loaded in.
@@ -77,6 +80,8 @@ def import_bitsandbytes():
         # On CPUs with AVX512-BF16 its import looks for an optional inference kernel package and warns
         # when it is absent (on every run). lorafit never uses that kernel (see keep_weights_as_trained).
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        # LLM.int8() rounds fp32 inputs through fp16 by design; its note on every new call site says nothing new
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
     try:
         import bitsandbytes
     except ImportError as err:
@@ -133,6 +138,31 @@ def _linear_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     skip = _skipped_paths(model)
     return [(path, module) for path, module in model.named_modules()
             if path not in skip and type(module) in (nn.Linear, Conv1D)]
+
+
+def _input_size(module: nn.Module) -> int:
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
+
+
+def kept_float_on_cpu(module: nn.Module, settings: QuantizeSettings, device: torch.device) -> bool:
+    """A linear layer whose input size is not a multiple of 64 stays float for 4-bit on CPU.
+
+    bitsandbytes 0.50's AVX-512 CPU kernel dequantizes such rows with the wrong block scales (measured:
+    a 64×96 NF4 matrix comes back 26% off instead of 9%; its generic path and CUDA are right; see
+    bitsandbytes PR #2072). Real models' sizes are multiples of 64; tiny test models may not be.
+    """
+    return settings.bits == 4 and device.type == "cpu" and _input_size(module) % BLOCK_SIZE != 0
+
+
+def layers_to_quantize(model: nn.Module, settings: QuantizeSettings,
+                       device: torch.device) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """(the linear layers to quantize, those kept float by kept_float_on_cpu), head excluded."""
+    chosen, kept = [], []
+    for path, module in _linear_candidates(model):
+        (kept.append(path) if kept_float_on_cpu(module, settings, device) else chosen.append((path, module)))
+    return chosen, kept
 
 
 def _quantized_copy(module: nn.Module, settings: QuantizeSettings, device: torch.device) -> nn.Module:
@@ -215,9 +245,10 @@ def quantize_model(model: nn.Module, settings: QuantizeSettings) -> QuantizeRepo
     if quantized_layers(model):
         raise LorafitError("the model is already quantized")
     import_bitsandbytes()
-    candidates = _linear_candidates(model)
+    device = next(model.parameters()).device
+    candidates, _ = layers_to_quantize(model, settings, device)
     if not candidates:
-        raise LorafitError("the model has no linear layers to quantize")
+        raise LorafitError("the model has no linear layers lorafit can quantize")
     for path, module in candidates:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -253,7 +284,10 @@ def float_parts(model: nn.Module) -> list[str]:
         parts.append("norms")
     left = _linear_candidates(model)
     if left:
-        parts.append(f"{len(left)} other linear layers")
+        odd = sum(1 for _, m in left if _input_size(m) % BLOCK_SIZE)
+        reason = (f" ({odd} with an input size not a multiple of {BLOCK_SIZE}, which bitsandbytes' CPU 4-bit kernel "
+                  "dequantizes wrongly)" if odd else "")
+        parts.append(f"{len(left)} other linear layers{reason}")
     return parts
 
 
