@@ -7,8 +7,8 @@ An adapter trained on an NF4 base learned ΔW against the dequantized weights Q(
 into Q(W) it gives exactly the model it was trained as; merged into the original W it gives W + ΔW,
 which differs from what it was trained as by the quantization error W − Q(W). This measures both on the
 built-in task's held-out split (loss, greedy exact match), next to the adapter on its quantized base,
-every figure from `lorafit eval --json` in its own process, all in fp32; writes
-bench/RESULTS-quantized-merge.md.
+every figure from `lorafit eval --json` in its own process with lorafit's defaults (the merged folders
+are saved in float32, `lorafit merge`'s default); writes bench/RESULTS-quantized-merge.md.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def lorafit(*arguments: str) -> str:
 
 
 def evaluate(*arguments: str) -> dict:
-    return json.loads(lorafit("eval", "--dtype", "float32", "--json", *arguments).strip().splitlines()[-1])
+    return json.loads(lorafit("eval", "--json", *arguments).strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -47,13 +47,13 @@ def main() -> None:
     run = args.run
     if run is None:
         run = work / "run"
-        print(f"training {run} (lorafit train --quantize nf4 --dtype float32)...", flush=True)
-        lorafit("train", "--quantize", "nf4", "--dtype", "float32", "--output", str(run))
+        print(f"training {run} (lorafit train --quantize nf4)...", flush=True)
+        lorafit("train", "--quantize", "nf4", "--output", str(run))
     rows = [("adapter on its NF4 base (what training measured)", evaluate("--adapter", str(run)))]
     for into in ("dequantized", "original"):
         merged = work / f"merged-{into}"
         print(f"merging into {into}...", flush=True)
-        lorafit("merge", "--adapter", str(run), "--merge-into", into, "--dtype", "float32", "--output", str(merged))
+        lorafit("merge", "--adapter", str(run), "--merge-into", into, "--output", str(merged))
         rows.append((f"merged into the {'dequantized NF4' if into == 'dequantized' else 'original float'} weights "
                      f"(`--merge-into {into}`)", evaluate("--model", str(merged))))
     rows.append(("the float base alone, no adapter", evaluate()))

@@ -18,6 +18,7 @@ import torch
 from common import LR, MAX_GRAD_NORM, SEED
 
 from lorafit.data import IGNORE_INDEX
+from lorafit.train.attention import use_fp32_attention
 from lorafit.train.step import choose_collate, train_step, weights_are_finite
 
 
@@ -48,6 +49,7 @@ class LorafitSide:
         self.collate = choose_collate(model, model.config.vocab_size, tokenizer.pad_token_id, row_tokens=128,
                                       gradient_checkpointing=False, echo=lambda _: None)
         self.body = None  # the loop's torch.compile'd body when `lorafit train --compile` is measured
+        use_fp32_attention(model)  # what the loop does for a bf16 base on CPU (lorafit/train/attention.py)
         model.train()
 
     def adapter_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

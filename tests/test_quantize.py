@@ -114,7 +114,8 @@ def test_quantize_model_gives_the_bytes_transformers_loading_gives(tmp_path, set
     assert set(theirs) == {path for path, _ in quantized_layers(ours)}
     for path, layer in quantized_layers(ours):
         assert torch.equal(linear_base(layer).dense_weight(), linear_base(theirs[path]).dense_weight()), path
-    assert quantization_of(loaded).to_record() == settings.to_record()
+    assert quantization_of(loaded).same_format(settings)
+    assert quantization_of(loaded).compute_dtype == torch.float32
 
 
 @pytest.mark.parametrize("settings", SETTINGS)
@@ -282,13 +283,13 @@ def test_a_float_folder_loads_quantized_and_a_saved_4bit_folder_loads_as_it_is(t
     from lorafit.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny_quantizable_chat_model, quantize=QuantizeSettings("nf4", double_quant=True))
-    assert quantization_of(model).to_record() == {"kind": "nf4", "double_quant": True}
+    assert quantization_of(model).to_record() == {"kind": "nf4", "double_quant": True, "dtype": "float32"}
     assert getattr(model.get_submodule("model.layers.0.self_attn.q_proj"), "support_avx512bf16_for_cpu") is False
     model.save_pretrained(tmp_path / "bnb-4bit")
     (tmp_path / "bnb-4bit" / "tokenizer.json").write_bytes((tiny_quantizable_chat_model / "tokenizer.json").read_bytes())
     (tmp_path / "bnb-4bit" / "tokenizer_config.json").write_bytes((tiny_quantizable_chat_model / "tokenizer_config.json").read_bytes())
     again, _ = load_model_and_tokenizer(tmp_path / "bnb-4bit")
-    assert quantization_of(again).to_record() == {"kind": "nf4", "double_quant": True}
+    assert quantization_of(again).to_record() == {"kind": "nf4", "double_quant": True, "dtype": "float32"}
     for path, layer in quantized_layers(model):
         assert torch.equal(linear_base(layer).dense_weight(), linear_base(again.get_submodule(path)).dense_weight())
     with pytest.raises(LorafitError, match=r"is already quantized \(nf4 \+ double quantization\); it cannot be "

@@ -96,7 +96,7 @@ def load_model_and_tokenizer(
     token gets pad = eos: batches need some id in padded positions, the attention mask and the -100 labels
     keep it out of both attention and loss, and reusing eos adds no token (which would resize the model).
     """
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     torch_device = _parse_device(device)
     folder = resolve_model_folder(spec)
     config_data = read_config_json(find_config_file(folder))
@@ -186,7 +186,7 @@ def _quantization_arguments(folder: Path, config_data: dict, quantize: QuantizeS
         return {}
     import_bitsandbytes()  # the one clear line when it is missing
     if already is not None:
-        if quantize is not None and quantize.to_record() != already.to_record():
+        if quantize is not None and not quantize.same_format(already):
             raise LorafitError(f"{folder} is already quantized ({already.describe()}); it cannot be loaded as "
                                f"{quantize.describe()}: drop --quantize, or give the float model")
         return {"device_map": {"": str(device)}}
@@ -289,7 +289,8 @@ def describe_default_dtype(device: torch.device) -> str:
     return "dtype: float32 (this CPU has no native bf16 matmul; --dtype overrides)"
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from a dtype or its name; None is float32 (the library's default)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):

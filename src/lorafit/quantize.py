@@ -63,15 +63,23 @@ class QuantizeSettings:
     def describe(self) -> str:
         return self.kind + (" + double quantization" if self.double_quant else "")
 
+    def same_format(self, other: "QuantizeSettings") -> bool:
+        return (self.kind, self.double_quant) == (other.kind, other.double_quant)
+
     def to_record(self) -> dict:
-        """What run configs and adapter metadata keep (JSON-able)."""
-        return {"kind": self.kind, "double_quant": self.double_quant}
+        """What adapter metadata and merge markers keep (JSON-able); the compute dtype when known."""
+        record = {"kind": self.kind, "double_quant": self.double_quant}
+        if self.compute_dtype is not None:
+            record["dtype"] = str(self.compute_dtype).removeprefix("torch.")
+        return record
 
     @classmethod
     def from_record(cls, record: dict | None) -> "QuantizeSettings | None":
         if not record:
             return None
-        return cls(kind=record["kind"], double_quant=bool(record.get("double_quant", False)))
+        dtype = getattr(torch, str(record.get("dtype")), None) if record.get("dtype") else None
+        return cls(kind=record["kind"], double_quant=bool(record.get("double_quant", False)),
+                   compute_dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
 
 def import_bitsandbytes():
@@ -265,9 +273,15 @@ def quantization_of(model: nn.Module) -> QuantizeSettings | None:
     layer = layers[0][1]
     bnb = sys.modules["bitsandbytes"]
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        return QuantizeSettings("int8")
+        return QuantizeSettings("int8", compute_dtype=linear_base_dtype(layer))
     weight = layer.weight
     return QuantizeSettings(weight.quant_type, bool(weight.compress_statistics), layer.compute_dtype)
+
+
+def linear_base_dtype(layer: nn.Module) -> torch.dtype:
+    from lorafit.base_layer import linear_base
+
+    return linear_base(layer).dtype
 
 
 def float_parts(model: nn.Module) -> list[str]:

@@ -22,7 +22,7 @@ def nf4_run(tmp_path_factory, tiny_quantizable_chat_model):
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in generate_date_task(24, seed=1)))
     run = root / "run"
     code = main(["train", "--model", str(tiny_quantizable_chat_model), "--data", str(data), "--steps", "4", "--batch-size", "4",
-                 "--lr", "1e-2", "--quantize", "nf4", "--double-quant", "--targets", "all-linear",
+                 "--lr", "1e-2", "--quantize", "nf4", "--double-quant", "--targets", "all-linear", "--dtype", "float32",
                  "--eval-examples", "2", "--max-new-tokens", "4", "--output", str(run)])
     assert code == 0
     return run, data
@@ -37,7 +37,7 @@ def test_train_reports_and_records_the_quantization(nf4_run, capsys):
     assert resolved["quantized"]["weight_bytes"] < resolved["quantized"]["weight_bytes_float"]
     with safe_open(str(run / "adapter" / "adapter_model.safetensors"), framework="pt") as handle:
         record = json.loads(handle.metadata()["lorafit_base_model"])
-    assert record["quantize"] == {"kind": "nf4", "double_quant": True}
+    assert record["quantize"] == {"kind": "nf4", "double_quant": True, "dtype": "float32"}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
 
@@ -74,7 +74,7 @@ def test_merge_defaults_to_the_dequantized_base_and_reproduces_the_adapter(nf4_r
     marker = json.loads((tmp_path / "merged" / "lorafit-merge.json").read_text())
     assert marker["merged_into"] == "dequantized" and marker["trained_on"]["kind"] == "nf4"
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
-    adapted, _, _ = load_model_with_adapter(None, str(run), echo=lambda _: None)
+    adapted, _, _ = load_model_with_adapter(None, str(run), dtype="float32", echo=lambda _: None)
     merged, _ = load_model_and_tokenizer(tmp_path / "merged")
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

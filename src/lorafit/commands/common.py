@@ -88,7 +88,10 @@ def load_model_with_adapter(model: Optional[str], adapter: Optional[str], *, dty
     adapter_dir = resolve_adapter_folder(adapter) if adapter is not None else None
     spec, record = choose_base_model(model, adapter_dir, echo)
     quantization = choose_quantization(quantize, double_quant, record, adapter_dir, echo)
-    base, tokenizer = load_model_and_tokenizer(spec, dtype=dtype, allow_pickle=allow_pickle,
+    if dtype is None and quantization is not None and quantization.compute_dtype is not None:
+        dtype = str(quantization.compute_dtype).removeprefix("torch.")  # quantized as in training
+        echo(f"dtype: {dtype} (what the adapter's quantized base computed in; --dtype overrides)")
+    base, tokenizer = load_model_and_tokenizer(spec, dtype=choose_dtype(dtype, echo), allow_pickle=allow_pickle,
                                                trust_remote_code=trust_remote_code, quantize=quantization)
     report_quantization(base, echo)
     if adapter_dir is not None:
@@ -97,15 +100,28 @@ def load_model_with_adapter(model: Optional[str], adapter: Optional[str], *, dty
     return base.eval(), tokenizer, adapter_dir
 
 
+def choose_dtype(dtype: Optional[str], echo=print) -> str:
+    """--dtype, or the default for this machine (lorafit.models.default_dtype), saying which and why."""
+    if dtype is not None:
+        return dtype
+    import torch
+
+    from lorafit.models import default_dtype, describe_default_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    echo(describe_default_dtype(device))
+    return str(default_dtype(device)).removeprefix("torch.")
+
+
 def choose_quantization(quantize: Optional[str], double_quant: bool, record: Optional[dict],
                         adapter_dir: Optional[Path], echo=print):
     """The QuantizeSettings to load the base with: the flags when given, else what the adapter records."""
     from lorafit.commands.model_options import quantize_settings
     from lorafit.quantize import QuantizeSettings
 
+    recorded = QuantizeSettings.from_record((record or {}).get("quantize"))
     if quantize is not None or double_quant:
         return quantize_settings(quantize, double_quant)
-    recorded = QuantizeSettings.from_record((record or {}).get("quantize"))
     if recorded is not None:
         echo(f"quantize: {recorded.describe()} (the base quantization recorded in {adapter_dir}; "
              "--quantize none loads the float base)")

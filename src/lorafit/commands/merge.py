@@ -95,7 +95,7 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
     )
     from lorafit.files import apply_default_permissions, explain_write_errors
     from lorafit.io import load_adapter
-    from lorafit.models import load_model_and_tokenizer, resolve_model_folder
+    from lorafit.models import load_model_and_tokenizer, parse_dtype, resolve_model_folder
     from lorafit.quantize import dequantize_model
 
     print_settings(config)
@@ -109,14 +109,19 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
     quantization = choose_quantization(config.quantize, config.double_quant, record, adapter_dir, echo)
     into = _merge_target(config, quantization, echo)
 
-    model, tokenizer = load_model_and_tokenizer(spec, dtype=config.dtype, allow_pickle=config.allow_pickle,
+    load_dtype = config.dtype
+    if into in ("dequantized", "quantized") and quantization.compute_dtype is not None:
+        load_dtype = str(quantization.compute_dtype).removeprefix("torch.")  # quantized exactly as in training
+    model, tokenizer = load_model_and_tokenizer(spec, dtype=load_dtype, allow_pickle=config.allow_pickle,
                                                 trust_remote_code=config.trust_remote_code,
                                                 quantize=None if into == "original" else quantization)
     report_quantization(model, echo)
     check_base_model(record, model, adapter_dir, config.model)
     load_adapter(model, adapter_dir, allow_pickle=config.allow_pickle)
-    if into == "dequantized":
-        dequantize_model(model)
+    if into == "dequantized":  # the trained-against weights, in the dtype the merged model is saved in
+        save_dtype = parse_dtype(config.dtype)
+        dequantize_model(model, dtype=save_dtype)
+        model.to(save_dtype)
     merged = merge_and_unload(model.eval(), requantize=into == "quantized")
     _declare_added_biases(merged)
     _check_config_describes(merged)

@@ -17,7 +17,9 @@ ModelPath = Annotated[Optional[str], tyro.conf.arg(help=(
     "Model folder or .gguf file; 'default' is the embedded SmolLM2-135M-Instruct, which is also what train and "
     "inspect use without it. With an adapter: by default the base the adapter records; a different one is refused."))]
 Dtype = Annotated[Optional[ModelDtype], tyro.conf.arg(help=(
-    "dtype the base model is loaded in (and merge saves in): float32 unless given."))]
+    "dtype the base model is loaded in. train, eval, generate: bfloat16 on a CPU with native bf16 (AMX or "
+    "AVX512-BF16; adapters, optimizer and loss stay fp32), else float32 (on CUDA with bf16 autocast). merge: "
+    "float32 (it saves in this dtype)."))]
 AllowPickle = Annotated[bool, tyro.conf.arg(help="Allow pickle (.bin) weights, which can run code when loaded.")]
 TrustRemoteCode = Annotated[bool, tyro.conf.arg(help="Run model code shipped with the model folder.")]
 Quantize = Annotated[Optional[Literal["nf4", "fp4", "int8", "none"]], tyro.conf.arg(help=(

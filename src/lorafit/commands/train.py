@@ -12,13 +12,13 @@ refuses flags that would change them.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from lorafit.commands.common import report_quantization
+from lorafit.commands.common import choose_dtype, report_quantization
 from lorafit.commands.model_options import quantize_settings
 from lorafit.commands.train_config import (
     DEFAULT_LR,
@@ -66,8 +66,14 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
     check_settings(config, given)
     start = start_or_resume(config, given, echo)
     config, run_dir, resume = start.config, start.run_dir, start.checkpoint
+    why_dtype: list[str] = []
+    if config.dtype is None:  # recorded resolved, so a resumed run (on any machine) keeps it
+        # runs recorded before lorafit chose the dtype itself have none there: they ran in float32
+        config = replace(config, dtype="float32" if resume is not None else choose_dtype(None, why_dtype.append))
     builtin = config.data is None
     echo("settings:\n" + _yaml(asdict(config)).rstrip())
+    for line in why_dtype:
+        echo(line)
     train_chats, held_chats = _read_data(config, echo)  # before the model: a bad file fails in a second
     if resume is not None:
         check_same_inputs(start.record, config, run_dir)

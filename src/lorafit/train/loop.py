@@ -30,6 +30,7 @@ from transformers import get_cosine_schedule_with_warmup
 from lorafit.adapters import wrappers
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_path
+from lorafit.train.attention import use_fp32_attention
 from lorafit.train.batching import Batch, plan_batches
 from lorafit.train.checkpoint import (
     Position,
@@ -107,6 +108,7 @@ def train(
     if settings.gradient_checkpointing:
         _set_activation_checkpointing(model, True)
     started = time.perf_counter()
+    previous_attention = use_fp32_attention(model)  # bf16 on CPU: attention in fp32 (train/attention.py)
     try:
         model.train()
         bar = tqdm(total=settings.steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True)
@@ -151,6 +153,8 @@ def train(
         if settings.gradient_checkpointing:
             _set_activation_checkpointing(model, False)
         model.eval()
+        if previous_attention is not None:
+            model.set_attn_implementation(previous_attention)
     result.steps_done = position.step
     result.seconds = time.perf_counter() - started
     return result
