@@ -99,27 +99,45 @@ class Series:
 
 @dataclass(frozen=True)
 class MatmulParameters:
-    """Parameters that take part in matmuls: the body's linear layers, the output head, the adapters."""
+    """Parameters that take part in matmuls: the body's linear layers, the output head, the adapters; and
+    the attention width (query heads × head size) and layer count for the causal attention's own work."""
 
     body: int
     head: int
     lora: int = 0
+    attention_width: int = 0
+    layers: int = 0
 
-    def useful_flops(self, real_tokens: int, label_tokens: int) -> float:
-        """One LoRA training step's useful work, per BENCHMARKS.md rule 4 (attention scores not counted).
+    def useful_flops(self, real_tokens: int, label_tokens: int, lengths: list[int] = ()) -> float:
+        """One LoRA training step's useful work, per BENCHMARKS.md rule 4, plus causal attention.
 
         Forward 2·N·T + backward to the inputs 2·N·T for the frozen body over the real tokens, the same
         for the head but only over labelled positions, plus the adapters' forward and both backward
-        matmuls (6·N_lora·T).
+        matmuls (6·N_lora·T), plus each example's causal attention (attention_flops): necessary work
+        that grows with the square of the length, so long examples are not made to look inefficient.
         """
-        return 4 * self.body * real_tokens + 4 * self.head * label_tokens + 6 * self.lora * real_tokens
+        return (4 * self.body * real_tokens + 4 * self.head * label_tokens + 6 * self.lora * real_tokens
+                + self.attention_flops(lengths))
+
+    def attention_flops(self, lengths: list[int]) -> float:
+        """Causal attention of examples of these lengths, forward and backward, every layer.
+
+        Per layer, an n-token example has n(n+1)/2 query-key pairs: QKᵀ and the weighted sum over V take
+        2·w FLOPs per pair each (w = query heads × head size), so the forward is 2·n(n+1)·w, and the
+        backward (gradients to Q, K and V) twice that: 6·n(n+1)·w in all.
+        """
+        return sum(6 * n * (n + 1) * self.attention_width * self.layers for n in lengths)
 
 
 def matmul_parameters(model: nn.Module) -> MatmulParameters:
     """Count N on a plain (not yet adapted) causal LM: every nn.Linear; the output embedding is the head."""
     head = model.get_output_embeddings()
     body = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
-    return MatmulParameters(body=body, head=head.weight.numel())
+    config = model.config
+    heads = config.num_attention_heads
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return MatmulParameters(body=body, head=head.weight.numel(), attention_width=heads * head_size,
+                            layers=config.num_hidden_layers)
 
 
 def peak_rss_mib() -> float:

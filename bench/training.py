@@ -10,6 +10,7 @@ steps. Memory: each (workload, side) runs again in a child process of its own
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import subprocess
@@ -88,7 +89,7 @@ def _sides(spec: TrainingSpec):
 def compare_training(spec: TrainingSpec, examples: list, sgemm: Series, log=print) -> dict:
     """Run the spec's batches on both sides alternately; per-step times, tokens, losses and FLOPs."""
     lorafit_side, peft_side, counts = _sides(spec)
-    counts = type(counts)(counts.body, counts.head, lorafit_side.trainable_count())
+    counts = dataclasses.replace(counts, lora=lorafit_side.trainable_count())
     warm, measured = select_batches(spec, examples)
     steps = []
     for index, indices in enumerate(warm + measured):
@@ -103,7 +104,8 @@ def compare_training(spec: TrainingSpec, examples: list, sgemm: Series, log=prin
             executed = (4 * counts.body * info["computed_tokens"] + 4 * counts.head * head_tokens
                         + 6 * counts.lora * info["computed_tokens"])
             record[side.name] = {**info, "seconds": seconds,
-                                 "useful_flops": counts.useful_flops(info["real_tokens"], info["label_tokens"]),
+                                 "useful_flops": counts.useful_flops(info["real_tokens"], info["label_tokens"],
+                                                                     [len(e.input_ids) for e in batch]),
                                  "executed_flops": executed}
         record["sgemm_gflops"] = sgemm_gflops(1)[0]
         sgemm.add(record["sgemm_gflops"])

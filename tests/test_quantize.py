@@ -282,8 +282,20 @@ def test_missing_bitsandbytes_is_one_line_with_the_install_command(monkeypatch):
 def test_a_float_folder_loads_quantized_and_a_saved_4bit_folder_loads_as_it_is(tmp_path, tiny_quantizable_chat_model):
     from lorafit.models import load_model_and_tokenizer
 
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     model, _ = load_model_and_tokenizer(tiny_quantizable_chat_model, quantize=QuantizeSettings("nf4", double_quant=True))
     assert quantization_of(model).to_record() == {"kind": "nf4", "double_quant": True, "dtype": "float32"}
+    # read one tensor at a time (lorafit.quantized_load), and the same bytes as transformers' own load
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_quantizable_chat_model, device_map={"": "cpu"},
+                                                  quantization_config=BitsAndBytesConfig(
+                                                      load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True,
+                                                      bnb_4bit_compute_dtype=torch.float32))
+    for path, layer in quantized_layers(theirs):
+        assert torch.equal(linear_base(layer).dense_weight(), linear_base(model.get_submodule(path)).dense_weight())
+    assert len(quantized_layers(theirs)) == len(quantized_layers(model)) == 14
+    assert model.name_or_path == str(tiny_quantizable_chat_model)
     assert getattr(model.get_submodule("model.layers.0.self_attn.q_proj"), "support_avx512bf16_for_cpu") is False
     model.save_pretrained(tmp_path / "bnb-4bit")
     (tmp_path / "bnb-4bit" / "tokenizer.json").write_bytes((tiny_quantizable_chat_model / "tokenizer.json").read_bytes())

@@ -26,6 +26,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from lorafit.errors import LorafitError, first_line
 from lorafit.gguf_model import cached_conversion, default_model_path
+from lorafit.quantized_load import load_quantized
 from lorafit.quantize import (
     INT8_THRESHOLD,
     QuantizeSettings,
@@ -106,6 +107,11 @@ def load_model_and_tokenizer(
         check_safetensors_files(folder)
     tokenizer = _load_tokenizer(folder, trust_remote_code)
     quantization = _quantization_arguments(folder, config_data, quantize, torch_dtype, torch_device)
+    if "quantization_config" in quantization and use_safetensors:
+        model = load_quantized(folder, load_config(folder, trust_remote_code=trust_remote_code), quantize,
+                               torch_dtype, torch_device, trust_remote_code)
+        if model is not None:  # read one tensor at a time (lorafit.quantized_load); else transformers' loader
+            return model, tokenizer
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(

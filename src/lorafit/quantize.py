@@ -173,15 +173,14 @@ def layers_to_quantize(model: nn.Module, settings: QuantizeSettings,
     return chosen, kept
 
 
-def _quantized_copy(module: nn.Module, settings: QuantizeSettings, device: torch.device) -> nn.Module:
-    from transformers.pytorch_utils import Conv1D
-
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, settings: QuantizeSettings,
+                     device: torch.device, transposed: bool = False) -> nn.Module:
+    """A frozen bitsandbytes layer holding `weight` (out, in; (in, out) if `transposed`, GPT-2's Conv1D)."""
     bnb = import_bitsandbytes()
-    weight = module.weight.detach()
-    if isinstance(module, Conv1D):  # GPT-2 stores (in, out)
+    weight = weight.detach()
+    if transposed:
         weight = weight.T
     out_features, in_features = weight.shape
-    bias = module.bias
     if settings.kind == "int8":
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
                                     threshold=INT8_THRESHOLD, device="meta")
@@ -195,7 +194,13 @@ def _quantized_copy(module: nn.Module, settings: QuantizeSettings, device: torch
                                          module=layer)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    layer = layer.to(device)  # bitsandbytes quantizes here
+    return layer.to(device)  # bitsandbytes quantizes here
+
+
+def _quantized_copy(module: nn.Module, settings: QuantizeSettings, device: torch.device) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = quantized_linear(module.weight, module.bias, settings, device, transposed=isinstance(module, Conv1D))
     layer.train(module.training)
     return layer
 
