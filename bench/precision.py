@@ -226,7 +226,8 @@ def report(raw: dict) -> str:
                   f"{LARGE_LENGTH}, {LARGE_STEPS} steps after a warm-up", "",
                   "| side | precision | s/step (median (min–max)) | build | peak RSS |", "|---|---|---|---|---|"]
         for item in raw["large"]:
-            lines.append(f"| {item['side']} | {item['precision']} | {_series(item['seconds'][1:], '{:.1f}')} | "
+            redone = f" (rerun {item['redone']})" if item.get("redone") else ""
+            lines.append(f"| {item['side']} | {item['precision']}{redone} | {_series(item['seconds'][1:], '{:.1f}')} | "
                          f"{item['build_seconds']:.0f} s | {item['peak_rss_mib']:,.0f} MiB |")
     return "\n".join(lines) + "\n"
 
@@ -235,6 +236,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--redo-large", nargs="+", metavar="SIDE:PRECISION",
+                        help="rerun only these large-model rows (e.g. lorafit:fp32) into the existing RESULTS-precision")
     parser.add_argument("--memory-child", nargs=4, metavar=("SIDE", "PRECISION", "WORKLOAD", "STEPS"))
     parser.add_argument("--large-child", nargs=2, metavar=("SIDE", "PRECISION"))
     args = parser.parse_args()
@@ -249,6 +252,19 @@ def main() -> None:
 
     def log(message: str) -> None:
         print(message, flush=True)
+
+    if args.redo_large:  # after a change to one side: its rows again, everything else as measured before
+        raw = json.loads((HERE / "RESULTS-precision.json").read_text())
+        for spec in args.redo_large:
+            side, precision = spec.split(":")
+            item = child(["--large-child", side, precision], 3000)
+            item["redone"] = today()
+            raw["large"] = [item if (old["side"], old["precision"]) == (side, precision) else old for old in raw["large"]]
+            log(f"1.7B {side} {precision}: {item['seconds']} s/step, {item['peak_rss_mib']:.0f} MiB")
+        raw["command"] += " + " + " ".join(sys.argv[1:])
+        (HERE / "RESULTS-precision.json").write_text(json.dumps(raw, indent=1) + "\n")
+        (HERE / "RESULTS-precision.md").write_text(report(raw))
+        return
 
     started = time.perf_counter()
     default = lorafit_default_precision()

@@ -26,7 +26,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from lorafit.errors import LorafitError, first_line
 from lorafit.gguf_model import cached_conversion, default_model_path
-from lorafit.quantized_load import load_quantized
+from lorafit.quantized_load import file_dtype, load_tensor_by_tensor
 from lorafit.quantize import (
     INT8_THRESHOLD,
     QuantizeSettings,
@@ -107,13 +107,14 @@ def load_model_and_tokenizer(
         check_safetensors_files(folder)
     tokenizer = _load_tokenizer(folder, trust_remote_code)
     quantization = _quantization_arguments(folder, config_data, quantize, torch_dtype, torch_device)
-    if "quantization_config" in quantization and use_safetensors:
-        model = load_quantized(folder, load_config(folder, trust_remote_code=trust_remote_code), quantize,
-                               torch_dtype, torch_device, trust_remote_code)
-        if model is not None:  # read one tensor at a time (lorafit.quantized_load); else transformers' loader
-            return model, tokenizer
-
     try:
+        if use_safetensors and _converts(folder, quantization, torch_dtype):
+            # one tensor at a time (lorafit.quantized_load), or None: then transformers' loader
+            model = load_tensor_by_tensor(folder, load_config(folder, trust_remote_code=trust_remote_code),
+                                          quantize if quantization else None, torch_dtype, torch_device,
+                                          trust_remote_code)
+            if model is not None:
+                return _contiguous_head_input(model), tokenizer
         model, info = AutoModelForCausalLM.from_pretrained(
             folder,
             local_files_only=True,
@@ -148,8 +149,34 @@ def load_model_and_tokenizer(
                     len(info["unexpected_keys"]), sorted(info["unexpected_keys"])[:3])
     if quantization:  # placed by device_map already (transformers refuses .to() on a quantized model)
         keep_weights_as_trained(model)
-        return model, tokenizer
-    return model.to(torch_device), tokenizer
+        return _contiguous_head_input(model), tokenizer
+    return _contiguous_head_input(model.to(torch_device)), tokenizer
+
+
+def _contiguous_head_input(model: PreTrainedModel) -> PreTrainedModel:
+    """Hand the output head a contiguous input on CPU (a forward pre-hook on the head module).
+
+    transformers runs the head on `hidden[:, -1:, :]` when generating, a strided view; for it PyTorch
+    2.13's CPU `linear` with a frozen weight copies the weight once per row of the batch and runs a
+    batched matmul: measured on the embedded model (vocabulary 49,152), batch 16, 3.75 s and +900 MiB in
+    bf16, 0.18 s in fp32, against 0.02 s for the same product on a contiguous copy of the (16, 1, 576)
+    input. Every held-out exact-match pass starts each batch that way.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and next(model.parameters()).device.type == "cpu":
+        head.register_forward_pre_hook(_make_contiguous)
+    return model
+
+
+def _make_contiguous(module, args):
+    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else None
+
+
+def _converts(folder: Path, quantization: dict, dtype: torch.dtype) -> bool:
+    """Does loading change the file tensors (quantize them, or cast them to another dtype)?"""
+    if quantization:
+        return "quantization_config" in quantization  # not a folder bitsandbytes already quantized
+    return file_dtype(folder) not in (None, dtype)
 
 
 def prequantized_settings(folder: Path, config_data: dict) -> QuantizeSettings | None:

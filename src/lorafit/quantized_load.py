@@ -1,12 +1,13 @@
-"""Loading a model straight into 4/8 bits without ever holding its float weights in memory.
+"""Loading a model into 4/8 bits (or another dtype than its files') without holding its file weights.
 
-transformers' bitsandbytes loading maps the whole safetensors file and keeps every page it touched
-resident until the load ends: loading the embedded 135M model as NF4 peaked at 1,245 MiB of RSS (516
-MiB of it the mapped fp32 file), more than training it in fp32 (measured, this machine). Here the model
-is built with empty (meta) parameters and filled one tensor at a time, each read through its own short
-`safe_open` (so its file pages are released at once) and quantized before the next is read: the peak is
-the quantized model plus one float tensor. The bytes are bitsandbytes' own, the same as transformers'
-load and `lorafit.quantize_model` give (tested).
+transformers maps the whole safetensors file and keeps every page it touched resident until the load
+ends: loading the embedded 135M model as NF4 peaked at 1,245 MiB of RSS (516 MiB of it the mapped fp32
+file), and in bf16 at 1,160 MiB, both more than training it in fp32 from the mapped file (measured,
+this machine). Here the model is built with empty (meta) parameters and filled one tensor at a time,
+each read through its own short `safe_open` (so its file pages are released at once) and quantized or
+cast before the next is read: the peak is the converted model plus one file tensor. The quantized bytes
+are bitsandbytes' own, the same as transformers' load and `lorafit.quantize_model` give (tested).
+When the files already hold the dtype asked for, transformers' zero-copy mapping is the better load.
 
 Only for folders whose tensor names are the model's own parameter names (lorafit's converted GGUF cache,
 and checkpoints saved by transformers for the same class); anything else returns None and the caller
@@ -47,9 +48,24 @@ def _read(files: dict[str, Path], name: str, dtype: torch.dtype | None) -> torch
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def load_quantized(folder: Path, config, settings: QuantizeSettings, dtype: torch.dtype, device: torch.device,
-                   trust_remote_code: bool = False) -> nn.Module | None:
-    """The causal LM of `folder`, its linear layers quantized as they are read; None if this way cannot."""
+def file_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype of the folder's first floating-point tensor (None: no safetensors, or none float)."""
+    from safetensors import safe_open
+
+    files = _tensor_files(folder)
+    for name, path in (files or {}).items():
+        with safe_open(str(path), framework="pt") as handle:
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
+                handle.get_slice(name).get_dtype())
+        if dtype is not None:
+            return dtype
+    return None
+
+
+def load_tensor_by_tensor(folder: Path, config, settings: QuantizeSettings | None, dtype: torch.dtype,
+                          device: torch.device, trust_remote_code: bool = False) -> nn.Module | None:
+    """The causal LM of `folder` in `dtype`, its linear layers quantized as they are read when `settings`
+    says so; None if this way cannot (then the caller uses transformers' loader)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -60,9 +76,11 @@ def load_quantized(folder: Path, config, settings: QuantizeSettings, dtype: torc
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # a tied head shares the embedding (from_config on meta leaves it separate)
     names = [name for name, _ in model.named_parameters()]  # a tied weight once
-    if not set(names) <= set(files):
-        return None  # other tensor names (a renamed or converted checkpoint): transformers knows the mapping
-    candidates, _ = layers_to_quantize(model, settings, device)
+    buffers = {name for name, _ in model.named_buffers()}
+    if not set(names) <= set(files) or set(files) - set(names) - buffers:
+        # other tensor names (a renamed or converted checkpoint) or extra ones: transformers maps and reports them
+        return None
+    candidates = layers_to_quantize(model, settings, device)[0] if settings is not None else []
     quantized = {path for path, _ in candidates}
     for path, module in candidates:
         weight = _read(files, f"{path}.weight", dtype)
@@ -89,11 +107,12 @@ def load_quantized(folder: Path, config, settings: QuantizeSettings, dtype: torc
     if device.type != "cpu":
         model.to(device)  # the buffers; the bitsandbytes layers are there already
     _describe_as_loaded(model, folder, settings, dtype)
-    keep_weights_as_trained(model)
+    if settings is not None:
+        keep_weights_as_trained(model)
     return model.eval()
 
 
-def _describe_as_loaded(model: nn.Module, folder: Path, settings: QuantizeSettings, dtype: torch.dtype) -> None:
+def _describe_as_loaded(model: nn.Module, folder: Path, settings: QuantizeSettings | None, dtype: torch.dtype) -> None:
     """What from_pretrained would have set: where it came from, its generation settings, its quantization
     (so a saved copy of the quantized model loads back as such)."""
     from transformers import BitsAndBytesConfig, GenerationConfig
@@ -104,6 +123,8 @@ def _describe_as_loaded(model: nn.Module, folder: Path, settings: QuantizeSettin
     model.config._name_or_path = str(folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    if settings is None:
+        return
     if settings.kind == "int8":
         model.config.quantization_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD)
     else:
