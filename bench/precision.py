@@ -7,8 +7,8 @@
 Throughput: in one process, lorafit and peft each on their own copy of the base, the same batches of the
 built-in task in the same order, alternating which side goes first; lorafit's step is the loop's own
 (`train_step`), peft's the documented standard (sides.py). Pairs: lorafit nf4 vs peft nf4 (both on the
-same bitsandbytes NF4 model as transformers' BitsAndBytesConfig loads it; lorafit's loader is that
-load), lorafit bf16 vs peft bf16 (peft upcasts its adapters to fp32, as lorafit does), and lorafit's
+same bitsandbytes NF4 model, from lorafit's loader: byte for byte transformers' BitsAndBytesConfig load,
+without its load-time peak, which favours peft's memory figure), lorafit bf16 vs peft bf16 (peft upcasts its adapters to fp32, as lorafit does), and lorafit's
 default on this machine vs peft's default (fp32). Peak RSS: each (side, precision) in its own process.
 The large model: SmolLM2-1.7B's published shape with seeded random weights, built one decoder layer at
 a time (each quantized as soon as it exists for nf4), batch 4 × 128 tokens trained on every token,

@@ -157,36 +157,16 @@ def test_long_examples_run_alone_and_the_pieces_add_up_to_the_reference(packed):
     assert 1 <= len(long) < len(examples)
     pieces = collate_pieces(examples, 0, row_tokens=20, packed=packed)
 
-    assert len(pieces) == len({len(e.input_ids) for e in long}) + 1  # examples of one length share a call
-    rows = [row for piece in pieces[:-1] for row in piece.inputs["input_ids"].tolist()]
-    assert rows == [e.input_ids for e in sorted(long, key=lambda e: len(e.input_ids), reverse=True)]
-    for piece in pieces[:-1]:
+    assert len(pieces) == len(long) + 1
+    for piece, example in zip(pieces, sorted(long, key=lambda e: len(e.input_ids), reverse=True)):
         assert list(piece.inputs) == ["input_ids"]  # no mask, no positions: the plain causal kernel
+        assert piece.inputs["input_ids"][0].tolist() == example.input_ids
     assert sum(p.real_tokens for p in pieces) == sum(len(e.input_ids) for e in examples)
     if packed:  # the short examples share rows of at most row_tokens
         assert pieces[-1].inputs["input_ids"].shape[-1] <= 20
 
     loss, ours = _loss_and_gradients(model, pieces)
     _assert_equals_the_reference(model, examples, loss, ours)
-
-
-def test_long_examples_of_one_length_share_a_call_and_add_up_to_the_reference():
-    from lorafit.data import TokenizedExample
-    from lorafit.train.batching import SAME_LENGTH_CALL_TOKENS
-
-    model = tiny_llama()
-    lorafit.attach(model, LoraConfig(r=4, target_modules="all-linear"))
-    randomize_adapters(model, scale=0.1)
-    generator = torch.Generator().manual_seed(4)
-    rows = torch.randint(1, 64, (5, 24), generator=generator).tolist() + [torch.randint(1, 64, (30,)).tolist()]
-    examples = [TokenizedExample(ids, [IGNORE_INDEX] * 3 + ids[3:]) for ids in rows]  # five of 24, one of 30
-    pieces = collate_pieces(examples, 0, row_tokens=20, packed=True)
-    assert [tuple(p.inputs["input_ids"].shape) for p in pieces] == [(1, 30), (5, 24)]  # one weight pass for five
-    assert all(list(p.inputs) == ["input_ids"] for p in pieces)  # still no mask, no padding
-    loss, ours = _loss_and_gradients(model, pieces)
-    _assert_equals_the_reference(model, examples, loss, ours)
-    many = [TokenizedExample(list(range(1, 25)), list(range(1, 25)))] * (SAME_LENGTH_CALL_TOKENS // 24 + 1)
-    assert [p.inputs["input_ids"].shape[0] for p in collate_pieces(many, 0, 20, True)] == [SAME_LENGTH_CALL_TOKENS // 24, 1]
 
 
 def test_batch_plan_is_a_deterministic_permutation_grouped_by_length():

@@ -98,42 +98,26 @@ def collate_packed(examples: list, pad_id: int, row_tokens: int) -> Batch:
     )
 
 
-def collate_alone(examples: list) -> Batch:
-    """Examples of one length as one batch, without padding or mask (the causal attention kernel)."""
-    targets = torch.tensor([_shifted_targets(e.labels) for e in examples])
+def collate_alone(example) -> Batch:
+    """One example as a batch of one, without padding or mask (the causal attention kernel)."""
+    targets = torch.tensor([_shifted_targets(example.labels)])
     return Batch(
-        inputs={"input_ids": torch.tensor([e.input_ids for e in examples])},
+        inputs={"input_ids": torch.tensor([example.input_ids])},
         targets=targets,
-        real_tokens=sum(len(e.input_ids) for e in examples),
+        real_tokens=len(example.input_ids),
         label_tokens=int((targets != IGNORE_INDEX).sum()),
     )
 
 
-# Long examples of the same length share a forward call up to this many tokens: one pass over the
-# weights instead of one per example (which costs most where reading a weight is dear: large models,
-# and 4-bit bases, which dequantize every weight on every call), still without padding or mask.
-SAME_LENGTH_CALL_TOKENS = 2048
-
-
 def collate_pieces(examples: list, pad_id: int, row_tokens: int, packed: bool) -> list[Batch]:
-    """A micro-batch as forward calls: each long example alone (or with others of its exact length), the
-    short ones packed (or padded) together.
+    """A micro-batch as forward calls: each long example alone, the short ones packed (or padded) together.
 
     "Long" is at least `row_tokens` tokens. Each piece is forwarded and backpropagated on its own
     (the loop sums their gradients), so this is still one micro-batch of the plan.
     """
-    long = sorted((e for e in examples if len(e.input_ids) >= row_tokens), key=lambda e: len(e.input_ids),
-                  reverse=True)
+    long = [e for e in examples if len(e.input_ids) >= row_tokens]
     short = [e for e in examples if len(e.input_ids) < row_tokens]
-    pieces, group = [], []
-    for example in long:
-        n = len(example.input_ids)
-        if group and (len(group[0].input_ids) != n or (len(group) + 1) * n > SAME_LENGTH_CALL_TOKENS):
-            pieces.append(collate_alone(group))
-            group = []
-        group.append(example)
-    if group:
-        pieces.append(collate_alone(group))
+    pieces = [collate_alone(e) for e in sorted(long, key=lambda e: len(e.input_ids), reverse=True)]
     if short:
         pieces.append(collate_packed(short, pad_id, row_tokens) if packed else collate_padded(short, pad_id))
     return pieces
