@@ -34,7 +34,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-
 from common import Series, today  # noqa: E402
 from data import DATASETS, batch_plan  # noqa: E402
 from sides import ALL16, QV8, LorafitSide, PeftSide, load_base  # noqa: E402

@@ -15,7 +15,6 @@ import gc
 import time
 
 import torch
-
 from common import SEED, Series
 from sides import ALL16, copy_adapter_into_peft, load_base, peft_config
 

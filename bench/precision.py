@@ -29,8 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-
-from common import SEED, Series, high_water_rss_mib, machine_line, sgemm_gflops, today  # noqa: E402
+from common import SEED, Series, high_water_rss_mib, machine_line, today  # noqa: E402
 from data import DATASETS, batch_plan  # noqa: E402
 from sides import ALL16, QV8, LorafitSide, PeftSide, load_tokenizer  # noqa: E402
 
@@ -125,7 +124,11 @@ def large_model(precision: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lorafit.models import resolve_model_folder
-    from lorafit.quantize import QuantizeSettings, keep_weights_as_trained, quantize_model
+    from lorafit.quantize import (
+        QuantizeSettings,
+        keep_weights_as_trained,
+        quantize_model,
+    )
 
     config = AutoConfig.from_pretrained(resolve_model_folder(None), local_files_only=True)
     for key, value in LARGE_SHAPE.items():

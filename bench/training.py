@@ -22,8 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
-from common import Series, current_rss_mib, high_water_rss_mib, matmul_parameters, peak_rss_mib, sgemm_gflops  # noqa: E402
+from common import (  # noqa: E402
+    Series,
+    current_rss_mib,
+    high_water_rss_mib,
+    matmul_parameters,
+    peak_rss_mib,
+    sgemm_gflops,
+)
 from data import DATASETS, batch_plan, padded_size  # noqa: E402
 from sides import ALL16, QV8, LorafitSide, PeftSide, Workload, load_base  # noqa: E402
 

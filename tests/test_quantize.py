@@ -280,9 +280,9 @@ def test_missing_bitsandbytes_is_one_line_with_the_install_command(monkeypatch):
 
 # -- loading: a float folder quantized as it loads, a bitsandbytes folder as it is, others refused -----------
 def test_a_float_folder_loads_quantized_and_a_saved_4bit_folder_loads_as_it_is(tmp_path, tiny_quantizable_chat_model):
-    from lorafit.models import load_model_and_tokenizer
-
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorafit.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(tiny_quantizable_chat_model, quantize=QuantizeSettings("nf4", double_quant=True))
     assert quantization_of(model).to_record() == {"kind": "nf4", "double_quant": True, "dtype": "float32"}

@@ -26,13 +26,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from lorafit.errors import LorafitError, first_line
 from lorafit.gguf_model import cached_conversion, default_model_path
-from lorafit.quantized_load import file_dtype, load_tensor_by_tensor
-from lorafit.quantize import (
-    INT8_THRESHOLD,
-    QuantizeSettings,
-    import_bitsandbytes,
-    keep_weights_as_trained,
-)
 from lorafit.model_checks import (
     check_model_type,
     check_safetensors_files,
@@ -41,6 +34,13 @@ from lorafit.model_checks import (
     find_config_file,
     read_config_json,
 )
+from lorafit.quantize import (
+    INT8_THRESHOLD,
+    QuantizeSettings,
+    import_bitsandbytes,
+    keep_weights_as_trained,
+)
+from lorafit.quantized_load import file_dtype, load_tensor_by_tensor
 
 log = logging.getLogger(__name__)
 

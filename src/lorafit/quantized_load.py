@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafit.quantize import QuantizeSettings, keep_weights_as_trained, layers_to_quantize, quantized_linear
+from lorafit.quantize import (
+    QuantizeSettings,
+    keep_weights_as_trained,
+    layers_to_quantize,
+    quantized_linear,
+)
 
 
 def _tensor_files(folder: Path) -> dict[str, Path] | None:

@@ -13,8 +13,8 @@ from typing import Optional
 
 from lorafit.commands.common import print_settings
 from lorafit.commands.model_options import (
-    DoubleQuant,
     AllowPickle,
+    DoubleQuant,
     Dtype,
     ModelPath,
     Quantize,

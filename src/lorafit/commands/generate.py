@@ -14,8 +14,8 @@ import tyro
 
 from lorafit.commands.common import print_settings
 from lorafit.commands.model_options import (
-    DoubleQuant,
     AllowPickle,
+    DoubleQuant,
     Dtype,
     ModelPath,
     Quantize,

@@ -95,7 +95,11 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
     )
     from lorafit.files import apply_default_permissions, explain_write_errors
     from lorafit.io import load_adapter
-    from lorafit.models import load_model_and_tokenizer, parse_dtype, resolve_model_folder
+    from lorafit.models import (
+        load_model_and_tokenizer,
+        parse_dtype,
+        resolve_model_folder,
+    )
     from lorafit.quantize import dequantize_model
 
     print_settings(config)
