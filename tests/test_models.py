@@ -394,3 +394,25 @@ def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch
         reply = second.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer_again.decode(reply[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+# -- the default dtype: bf16 where the CPU multiplies bf16 natively, fp32 elsewhere ----------------------------
+@pytest.mark.parametrize("feature, expected", [("amx_bf16", torch.bfloat16), ("avx512_bf16", torch.bfloat16),
+                                               (None, torch.float32)])
+def test_the_default_dtype_follows_the_cpu(monkeypatch, feature, expected):
+    monkeypatch.setattr(models, "native_bf16_feature", lambda: feature)
+    assert models.default_dtype(torch.device("cpu")) == expected
+    assert models.default_dtype(torch.device("cuda")) == torch.float32  # bf16 autocast there instead
+    line = models.describe_default_dtype(torch.device("cpu"))
+    assert (f"this CPU has native bf16: {feature}" if feature else "this CPU has no native bf16") in line
+    assert "--dtype overrides" in line
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(flags if path == "/proc/cpuinfo" else path, *a, **k))
+    assert models.native_bf16_feature() == "avx512_bf16"
+    flags.write_text("flags\t\t: fpu sse2 avx2\n")
+    assert models.native_bf16_feature() is None

@@ -41,6 +41,10 @@ def test_train_writes_adapter_log_plot_metrics_and_config(trained_run, capsys):
     assert set(metrics["after"]) == {"loss", "perplexity", "exact_match"}
     resolved = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert resolved["steps"] == 6 and resolved["lr"] == 1e-2 and resolved["warmup_steps"] == 0
+    # no --dtype given: the machine's default, recorded resolved so that a resume keeps it
+    from lorafit.models import default_dtype
+
+    assert resolved["dtype"] == str(default_dtype(torch.device("cpu"))).removeprefix("torch.")
 
 
 def test_existing_output_is_refused_and_resume_continues(trained_run, tiny_chat_model, date_data, capsys):
