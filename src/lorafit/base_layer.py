@@ -123,13 +123,8 @@ def _bitsandbytes():
     return sys.modules.get("bitsandbytes")
 
 
-class Linear4bitBase(LinearBase):
-    """bitsandbytes' Linear4bit (NF4/FP4, blocks of 64 weights with an absmax scale each; QLoRA)."""
-
-    @staticmethod
-    def layer_type() -> type | None:
-        bnb = _bitsandbytes()
-        return bnb.nn.Linear4bit if bnb else None
+class _QuantizedLinearBase(LinearBase):
+    """What bitsandbytes' layers share: nn.Linear's sizes, a non-float stored weight, lossy write-back."""
 
     @property
     def quantized(self) -> bool:
@@ -144,12 +139,21 @@ class Linear4bitBase(LinearBase):
         return self.layer.out_features
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.layer.weight.quant_state.dtype
-
-    @property
     def device(self) -> torch.device:
         return self.layer.weight.device
+
+
+class Linear4bitBase(_QuantizedLinearBase):
+    """bitsandbytes' Linear4bit (NF4/FP4, blocks of 64 weights with an absmax scale each; QLoRA)."""
+
+    @staticmethod
+    def layer_type() -> type | None:
+        bnb = _bitsandbytes()
+        return bnb.nn.Linear4bit if bnb else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.weight.quant_state.dtype
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized (out, in) weight: a new tensor on every call."""
@@ -172,7 +176,7 @@ class Linear4bitBase(LinearBase):
         self.layer.quant_state = new_state
 
 
-class Linear8bitBase(LinearBase):
+class Linear8bitBase(_QuantizedLinearBase):
     """bitsandbytes' Linear8bitLt with int8 weights (LLM.int8(): one scale per output row)."""
 
     @staticmethod
@@ -181,24 +185,8 @@ class Linear8bitBase(LinearBase):
         return bnb.nn.Linear8bitLt if bnb else None
 
     @property
-    def quantized(self) -> bool:
-        return True
-
-    @property
-    def in_features(self) -> int:
-        return self.layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.layer.out_features
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.layer.bias.dtype if self.layer.bias is not None else torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return self.layer.weight.device
 
     def _scales(self) -> torch.Tensor:
         # Before its first forward the layer keeps the row scales on the weight, afterwards in its state.

@@ -35,8 +35,8 @@ from lorafit.model_checks import (
     read_config_json,
 )
 from lorafit.quantize import (
-    INT8_THRESHOLD,
     QuantizeSettings,
+    bitsandbytes_config,
     import_bitsandbytes,
     keep_weights_as_trained,
 )
@@ -223,15 +223,7 @@ def _quantization_arguments(folder: Path, config_data: dict, quantize: QuantizeS
             raise LorafitError(f"{folder} is already quantized ({already.describe()}); it cannot be loaded as "
                                f"{quantize.describe()}: drop --quantize, or give the float model")
         return {"device_map": {"": str(device)}}
-    from transformers import BitsAndBytesConfig
-
-    skip = _float_modules(folder, quantize, device)
-    if quantize.kind == "int8":
-        settings = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=skip)
-    else:
-        settings = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quantize.kind, bnb_4bit_use_double_quant=quantize.double_quant,
-            bnb_4bit_compute_dtype=quantize.compute_dtype or dtype, llm_int8_skip_modules=skip)
+    settings = bitsandbytes_config(quantize, dtype, _float_modules(folder, quantize, device))
     return {"quantization_config": settings, "device_map": {"": str(device)}}
 
 

@@ -82,6 +82,17 @@ class QuantizeSettings:
                    compute_dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
 
+def bitsandbytes_config(settings: QuantizeSettings, dtype: torch.dtype, skip_modules: list[str] | None = None):
+    """transformers' BitsAndBytesConfig for these settings (what a quantized model's config.json carries)."""
+    from transformers import BitsAndBytesConfig
+
+    if settings.kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.kind,
+                              bnb_4bit_use_double_quant=settings.double_quant,
+                              bnb_4bit_compute_dtype=settings.compute_dtype or dtype, llm_int8_skip_modules=skip_modules)
+
+
 def import_bitsandbytes():
     """bitsandbytes, imported quietly; one clear line when it is not installed."""
     if "bitsandbytes" not in sys.modules:

@@ -24,6 +24,7 @@ from torch import nn
 
 from lorafit.quantize import (
     QuantizeSettings,
+    bitsandbytes_config,
     keep_weights_as_trained,
     layers_to_quantize,
     quantized_linear,
@@ -120,19 +121,11 @@ def load_tensor_by_tensor(folder: Path, config, settings: QuantizeSettings | Non
 def _describe_as_loaded(model: nn.Module, folder: Path, settings: QuantizeSettings | None, dtype: torch.dtype) -> None:
     """What from_pretrained would have set: where it came from, its generation settings, its quantization
     (so a saved copy of the quantized model loads back as such)."""
-    from transformers import BitsAndBytesConfig, GenerationConfig
-
-    from lorafit.quantize import INT8_THRESHOLD
+    from transformers import GenerationConfig
 
     model.name_or_path = str(folder)
     model.config._name_or_path = str(folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    if settings is None:
-        return
-    if settings.kind == "int8":
-        model.config.quantization_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD)
-    else:
-        model.config.quantization_config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=settings.kind, bnb_4bit_use_double_quant=settings.double_quant,
-            bnb_4bit_compute_dtype=settings.compute_dtype or dtype)
+    if settings is not None:
+        model.config.quantization_config = bitsandbytes_config(settings, dtype)
