@@ -32,3 +32,20 @@ def test_a_folder_with_other_tensor_names_is_left_to_transformers(tmp_path, tiny
     assert load_tensor_by_tensor(tmp_path, load_config(tmp_path), None, torch.bfloat16, torch.device("cpu")) is None
     model, _ = load_model_and_tokenizer(tmp_path, dtype="bfloat16", device="cpu")  # transformers' loader, which warns
     assert model.dtype == torch.bfloat16
+
+
+def test_a_folder_whose_shapes_differ_from_its_config_is_refused_as_transformers_refuses_it(tmp_path, tiny_chat_model):
+    import json
+
+    import pytest
+
+    from lorafit.errors import LorafitError
+
+    for item in tiny_chat_model.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 48  # the file's MLP weights are 64 wide
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_tensor_by_tensor(tmp_path, load_config(tmp_path), None, torch.bfloat16, torch.device("cpu")) is None
+    with pytest.raises(LorafitError, match="weight shapes do not match config.json"):
+        load_model_and_tokenizer(tmp_path, dtype="bfloat16", device="cpu")

@@ -46,6 +46,13 @@ def _tensor_files(folder: Path) -> dict[str, Path] | None:
         return dict.fromkeys(handle.keys(), single)
 
 
+def _file_shape(files: dict[str, Path], name: str) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(files[name]), framework="pt") as handle:
+        return tuple(handle.get_slice(name).get_shape())
+
+
 def _read(files: dict[str, Path], name: str, dtype: torch.dtype | None) -> torch.Tensor:
     from safetensors import safe_open
 
@@ -86,6 +93,8 @@ def load_tensor_by_tensor(folder: Path, config, settings: QuantizeSettings | Non
     if not set(names) <= set(files) or set(files) - set(names) - buffers:
         # other tensor names (a renamed or converted checkpoint) or extra ones: transformers maps and reports them
         return None
+    if any(_file_shape(files, name) != tuple(parameter.shape) for name, parameter in model.named_parameters()):
+        return None  # shapes config.json does not describe: transformers' loader says which, in its report
     candidates = layers_to_quantize(model, settings, device)[0] if settings is not None else []
     quantized = {path for path, _ in candidates}
     for path, module in candidates:
