@@ -23,7 +23,9 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from lorafit.base_layer import linear_base
 from lorafit.errors import LorafitError
 
 QuantizeKind = Literal["nf4", "fp4", "int8"]
@@ -140,6 +142,14 @@ def keep_weights_as_trained(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def replace_submodule(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put `new` at `path` in `model`; returns its parent module."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+    return parent
+
+
 def _skipped_paths(model: nn.Module) -> set[str]:
     """The output head (and any linear tied to the input embeddings) stays in float."""
     skip = set()
@@ -152,16 +162,12 @@ def _skipped_paths(model: nn.Module) -> set[str]:
 
 
 def _linear_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from transformers.pytorch_utils import Conv1D
-
     skip = _skipped_paths(model)
     return [(path, module) for path, module in model.named_modules()
             if path not in skip and type(module) in (nn.Linear, Conv1D)]
 
 
 def _input_size(module: nn.Module) -> int:
-    from transformers.pytorch_utils import Conv1D
-
     return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
 
 
@@ -209,8 +215,6 @@ def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, settings: 
 
 
 def _quantized_copy(module: nn.Module, settings: QuantizeSettings, device: torch.device) -> nn.Module:
-    from transformers.pytorch_utils import Conv1D
-
     layer = quantized_linear(module.weight, module.bias, settings, device, transposed=isinstance(module, Conv1D))
     layer.train(module.training)
     return layer
@@ -249,8 +253,6 @@ def quantize_report(model: nn.Module) -> QuantizeReport | None:
     now = weight_bytes(model)
     in_float = now
     for _, layer in layers:
-        from lorafit.base_layer import linear_base
-
         view = linear_base(layer)
         in_float += view.in_features * view.out_features * view.dtype.itemsize - _quantized_bytes(layer)
     return QuantizeReport(settings, len(layers), float_parts(model), in_float, now)
@@ -274,9 +276,7 @@ def quantize_model(model: nn.Module, settings: QuantizeSettings) -> QuantizeRepo
     if not candidates:
         raise LorafitError("the model has no linear layers lorafit can quantize")
     for path, module in candidates:
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, _quantized_copy(module, settings, module.weight.device))
+        replace_submodule(model, path, _quantized_copy(module, settings, module.weight.device))
     keep_weights_as_trained(model)
     return quantize_report(model)
 
@@ -289,15 +289,9 @@ def quantization_of(model: nn.Module) -> QuantizeSettings | None:
     layer = layers[0][1]
     bnb = sys.modules["bitsandbytes"]
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        return QuantizeSettings("int8", compute_dtype=linear_base_dtype(layer))
+        return QuantizeSettings("int8", compute_dtype=linear_base(layer).dtype)
     weight = layer.weight
     return QuantizeSettings(weight.quant_type, bool(weight.compress_statistics), layer.compute_dtype)
-
-
-def linear_base_dtype(layer: nn.Module) -> torch.dtype:
-    from lorafit.base_layer import linear_base
-
-    return linear_base(layer).dtype
 
 
 def float_parts(model: nn.Module) -> list[str]:
@@ -359,7 +353,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     The result computes exactly what the quantized model computed (the same weights, in float), so an
     adapter trained on the quantized base merges into it faithfully. Returns how many layers changed.
     """
-    from lorafit.base_layer import linear_base
     from lorafit.wrapper import AdapterWrapper
 
     count = 0
@@ -375,10 +368,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().to(target).clone(), requires_grad=False)
         linear.train(module.training)
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, linear)
-        if isinstance(parent, AdapterWrapper) and child == "base_layer":
+        parent = replace_submodule(model, path, linear)
+        if isinstance(parent, AdapterWrapper) and path.endswith(".base_layer"):
             parent.base = linear_base(linear)
         count += 1
     _forget_transformers_quantization(model)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lorafit.quantize import (
     QuantizeSettings,
@@ -28,6 +29,7 @@ from lorafit.quantize import (
     keep_weights_as_trained,
     layers_to_quantize,
     quantized_linear,
+    replace_submodule,
 )
 
 
@@ -100,9 +102,8 @@ def load_tensor_by_tensor(folder: Path, config, settings: QuantizeSettings | Non
     for path, module in candidates:
         weight = _read(files, f"{path}.weight", dtype)
         bias = _read(files, f"{path}.bias", dtype) if module.bias is not None else None
-        layer = quantized_linear(weight, bias, settings, device, transposed=type(module).__name__ == "Conv1D")
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+        layer = quantized_linear(weight, bias, settings, device, transposed=isinstance(module, Conv1D))
+        replace_submodule(model, path, layer)
         del weight, bias
     for name in names:
         module_path, _, tensor_name = name.rpartition(".")
