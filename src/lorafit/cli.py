@@ -1,4 +1,4 @@
-"""The `lorafit` command: `lorafit <train|eval|generate|merge|inspect> [--config FILE] [flags]`.
+"""The `lorafit` command: `lorafit <train|eval|generate|merge|inspect|estimate> [--config FILE] [flags]`.
 
 Each command is a dataclass (its fields are both the flags and the YAML keys; field docstrings are
 the --help text) and a `run(config)` function; tyro parses the command line into one of them, as a
@@ -36,6 +36,8 @@ COMMANDS = {
               "fold an adapter into the base weights and save a plain transformers folder"),
     "inspect": ("lorafit.commands.inspect", "InspectConfig",
                 "list a model's modules, which ones the targets select, and the parameter counts"),
+    "estimate": ("lorafit.commands.estimate", "EstimateConfig",
+                 "plan a training run's memory from the model's config: what it needs, what fits, which batch"),
 }
 
 ABOUT = ("Parameter-efficient fine-tuning (LoRA and family) in peft's file format. `lorafit <command> --help` lists a "

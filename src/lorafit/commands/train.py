@@ -97,6 +97,8 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
     held_set, eval_conversations = _held_out_set(tokenizer, held_chats, config, echo)
     echo("one training example as the model sees it:\n" + render_example(tokenizer, train_set[0]))
 
+    if config.batch_size == "auto":
+        config = replace(config, batch_size=_auto_batch_size(model, config, train_set, echo))
     steps = config.steps or (BUILTIN.steps if builtin and not config.epochs else None)
     if steps is None:
         per_epoch = -(-len(train_set) // (config.batch_size * config.grad_accum))
@@ -243,6 +245,38 @@ def _comparison(before: dict, after: dict) -> str:
             show = (lambda v: f"{v:.1%}") if key == "exact_match" else (lambda v: f"{v:.4f}")
             lines.append(f"{key.replace('_', ' '):<14}{show(before[key]):>10}{show(after[key]):>10}")
     return "\n".join(lines)
+
+
+def _auto_batch_size(model, config: TrainConfig, train_set: list, echo) -> int:
+    """--batch-size auto: the planner's choice for this run's data (lorafit.planner.auto_batch)."""
+    import torch
+
+    from lorafit.planner.auto_batch import choose_batch_size, confirm_on_cuda
+    from lorafit.planner.plan import Planner, Setup
+    from lorafit.planner.runtime import layout_of
+    from lorafit.quantize import quantization_of
+    from lorafit.train.step import layout_collate
+
+    quantize = quantization_of(model)
+    device = next(model.parameters()).device
+    from lorafit.models import parse_dtype
+
+    setup = Setup(adapter_config(config), parse_dtype(config.dtype), quantize, config.gradient_checkpointing,
+                  config.row_tokens, device.type)
+    planner = Planner(model.config, setup, layout=layout_of(model.config, config.trust_remote_code),
+                      trust_remote_code=config.trust_remote_code)
+    batch = choose_batch_size(planner, train_set, config.seed, device, echo)
+    if device.type == "cuda" and torch.cuda.is_available():
+        from lorafit.adapters import attach, unload
+
+        collate = layout_collate(0, config.row_tokens, packed=planner.packed, shared_prefix=planner.shared_prefix
+                                 and not config.gradient_checkpointing)
+        attach(model, adapter_config(config))
+        try:
+            batch = confirm_on_cuda(model, train_set, batch, config.seed, collate, echo)
+        finally:
+            unload(model)
+    return batch
 
 
 def _yaml(values: dict) -> str:

@@ -36,10 +36,16 @@ class Batch:
     targets: torch.Tensor
     real_tokens: int  # non-padding tokens: the throughput that counts
     label_tokens: int
+    label_positions: torch.Tensor | None = None  # flat indices of the targets that are not IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        if self.label_positions is None:
+            self.label_positions = (self.targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
     def to(self, device) -> Batch:
         inputs = {k: v.to(device) for k, v in self.inputs.items()}
-        return Batch(inputs, self.targets.to(device), self.real_tokens, self.label_tokens)
+        return Batch(inputs, self.targets.to(device), self.real_tokens, self.label_tokens,
+                     self.label_positions.to(device))
 
 
 def _shifted_targets(labels: list[int]) -> list[int]:

@@ -118,8 +118,11 @@ def summed_token_loss(model, batch: Batch, chunk_tokens: int = 512, body=None) -
         logits = model(**batch.inputs, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     hidden = forward_hidden(body, batch.inputs)
-    labelled = targets != IGNORE_INDEX
-    hidden, targets = hidden[labelled], targets[labelled]
+    # Positions by index, not a boolean mask: the same gather, and its size is known before it runs
+    # (which the memory planner, running this on tensors without data, needs).
+    positions = batch.label_positions
+    hidden = hidden.flatten(0, -2).index_select(0, positions.to(hidden.device))
+    targets = targets.flatten().index_select(0, positions.to(targets.device))
     if torch.is_grad_enabled() and hidden.requires_grad and _head_is_frozen(head):
         return FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -41,9 +41,15 @@ def choose_collate(model, vocab_size: int, pad_id: int, row_tokens: int, gradien
     echo(f"batches: examples of ≥ {row_tokens} tokens run alone, shorter ones "
          + ("packed (no padding, examples kept apart)" if packed else "padded to the longest")
          + (", a prompt prefix shared by all rows computed once" if shared else ""))
+    return layout_collate(pad_id, row_tokens, packed=packed, shared_prefix=shared)
+
+
+def layout_collate(pad_id: int, row_tokens: int, *, packed: bool, shared_prefix: bool) -> Callable[[list], list[Batch]]:
+    """The collate function of one layout (what `choose_collate` returns after probing; the memory planner
+    runs it on the examples it plans for)."""
 
     def collate(examples: list) -> list[Batch]:
-        if shared and len(examples) > 1:
+        if shared_prefix and len(examples) > 1:
             prefix = shared_prefix_length(examples)
             suffix_lengths = [len(e.input_ids) - prefix for e in examples]
             padding = len(examples) * max(suffix_lengths) - sum(suffix_lengths)
@@ -83,12 +89,7 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     if label_tokens == 0:
         raise ValueError("train_step: the micro-batches hold no label tokens to train on")
 
-    loss_sum = 0.0
-    for piece in pieces:
-        with _autocast(device):
-            loss = summed_token_loss(model, piece, body=body)
-        (loss / label_tokens).backward()  # every label token weighs the same across the step
-        loss_sum += loss.item()
+    loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body).item()
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm).item()
     step_loss = loss_sum / label_tokens
 
@@ -101,6 +102,21 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     return StepResult(step_loss, grad_norm, sum(piece.real_tokens for piece in pieces), label_tokens, applied)
 
 
+def accumulate_gradients(model, pieces: list[Batch], label_tokens: int, *, body: torch.nn.Module | None = None
+                         ) -> torch.Tensor:
+    """Forward and backward of each piece, its summed loss divided by the step's `label_tokens`; the summed
+    loss (a detached 0-d tensor: one host sync per step, by the caller). The memory planner runs this too."""
+    device = next(model.parameters()).device
+    base_dtype = getattr(model, "dtype", torch.float32)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for piece in pieces:
+        with _autocast(device, base_dtype):
+            loss = summed_token_loss(model, piece, body=body)
+        (loss / label_tokens).backward()  # every label token weighs the same across the step
+        loss_sum += loss.detach()
+    return loss_sum
+
+
 def weights_are_finite(parameters: list[torch.Tensor]) -> bool:
     """Whether no trainable weight is NaN/Inf: a NaN or an Inf anywhere makes its tensor's sum non-finite.
 
@@ -110,8 +126,12 @@ def weights_are_finite(parameters: list[torch.Tensor]) -> bool:
         return bool(torch.isfinite(torch.stack([p.sum() for p in parameters])).all())
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA (adapters stay fp32); plain fp32 on CPU."""
-    if device.type == "cuda":
+def _autocast(device: torch.device, base_dtype: torch.dtype = torch.float32):
+    """bf16 autocast for an fp32 base on CUDA (adapters stay fp32); nothing on CPU or for a bf16/fp16 base.
+
+    A base already in 16 bits computes in its own dtype. Autocasting it to bf16 anyway would keep a bf16
+    copy of every weight for backward (the memory planner counts 13.5 GB of them for llama-7B in fp16).
+    """
+    if device.type == "cuda" and base_dtype == torch.float32:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -1,0 +1,189 @@
+"""The memory planner against the real thing: `lorafit estimate`'s figure vs the measured peak of lorafit's step.
+
+For each setting, lorafit's own training step (setup_training's optimizer and layout, train_step) runs on the
+default model (SmolLM2-135M) in a process of its own: the peak resident memory (VmHWM) over three steps,
+above the process's memory before the tokenizer and model load. The planner plans the same setting from the
+model's config, and its total less the runtime it measured for this process gives the comparable figure.
+
+    python bench/memory_plan.py                 # all settings -> bench/RESULTS-memory-plan.md / .json
+    python bench/memory_plan.py --quick         # the first three
+    python bench/memory_plan.py --measure B L DTYPE QUANTIZE CHECKPOINTING TARGETS R   # one measurement (JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MiB = 2**20
+
+# (batch, length, dtype, quantize, gradient checkpointing, targets, r)
+SETTINGS = [
+    (8, 64, "bfloat16", "none", False, "q_proj,v_proj", 8),
+    (2, 256, "bfloat16", "none", False, "q_proj,v_proj", 8),
+    (1, 512, "float32", "none", False, "q_proj,v_proj", 8),
+    (8, 128, "bfloat16", "nf4", False, "q_proj,v_proj", 8),
+    (4, 256, "bfloat16", "none", True, "q_proj,v_proj", 8),
+    (2, 256, "bfloat16", "none", False, "all-linear", 16),
+    (16, 96, "float32", "none", False, "q_proj,v_proj", 8),
+    (4, 512, "bfloat16", "none", False, "all-linear", 8),
+    (1, 1024, "float32", "none", False, "q_proj,v_proj", 8),
+    (8, 256, "bfloat16", "nf4", True, "q_proj,k_proj,v_proj,o_proj", 8),
+]
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def _examples(batch: int, length: int, count: int):
+    import torch
+
+    from lorafit.data import IGNORE_INDEX, TokenizedExample
+
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(count):
+        ids = torch.randint(3, 40000, (length,), generator=generator).tolist()
+        examples.append(TokenizedExample(ids, [IGNORE_INDEX] * (length // 2) + ids[length // 2:]))
+    return examples
+
+
+def measure(batch: int, length: int, dtype: str, quantize: str, checkpointing: bool, targets: str, r: int) -> dict:
+    """Three steps of lorafit's loop step on the default model; peak RSS above the memory before loading."""
+    import torch
+
+    import lorafit
+    from lorafit.config import parse_targets
+    from lorafit.models import load_model_and_tokenizer
+    from lorafit.quantize import QuantizeSettings
+    from lorafit.train.attention import use_fp32_attention
+    from lorafit.train.loop import (
+        LoopSettings,
+        _set_activation_checkpointing,
+        setup_training,
+    )
+    from lorafit.train.step import train_step
+
+    baseline = _status("VmRSS")
+    settings = QuantizeSettings(quantize) if quantize != "none" else None
+    model, tokenizer = load_model_and_tokenizer(None, dtype=dtype, device="cpu", quantize=settings)
+    torch.manual_seed(0)
+    lorafit.attach(model, lorafit.LoraConfig(r=r, target_modules=parse_targets(targets)))
+    loop = LoopSettings(steps=3, batch_size=batch, gradient_checkpointing=checkpointing)
+    run = setup_training(model, loop, Path(tempfile.mkdtemp()), pad_id=tokenizer.pad_token_id,
+                         vocab_size=model.config.vocab_size, echo=lambda _: None)
+    if checkpointing:
+        _set_activation_checkpointing(model, True)
+    use_fp32_attention(model)
+    model.train()
+    loaded = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")  # the peak (VmHWM) starts again from now: the load's own peak is not the step's
+    examples = _examples(batch, length, 3 * batch)
+    started = time.perf_counter()
+    for step in range(3):
+        train_step(model, run.collate(examples[step * batch:(step + 1) * batch]), run.parameters, run.optimizer, 1.0)
+    return {"loaded": loaded - baseline, "peak": _status("VmHWM") - baseline,
+            "seconds_per_step": (time.perf_counter() - started) / 3}
+
+
+def measure_in_subprocess(setting: tuple) -> dict:
+    batch, length, dtype, quantize, checkpointing, targets, r = setting
+    command = [sys.executable, str(Path(__file__).resolve()), "--measure", str(batch), str(length), dtype, quantize,
+               str(int(checkpointing)), targets, str(r)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def planner_for(setting: tuple, runtime: tuple[int, str]):
+    """The Planner `lorafit estimate` builds for this setting on the default model."""
+    import torch
+
+    from lorafit.commands.estimate import EstimateConfig, adapter_for
+    from lorafit.models import load_config, resolve_model_folder
+    from lorafit.planner.plan import Planner, Setup
+    from lorafit.planner.runtime import layout_of
+    from lorafit.quantize import QuantizeSettings
+
+    batch, length, dtype, quantize, checkpointing, targets, r = setting
+    config = load_config(resolve_model_folder(None))
+    torch_dtype = getattr(torch, dtype)
+    quantized = QuantizeSettings(quantize, compute_dtype=torch_dtype) if quantize != "none" else None
+    adapter = adapter_for(EstimateConfig(r=r, targets=[targets]))
+    setup = Setup(adapter, torch_dtype, quantized, checkpointing, 128, "cpu")
+    return Planner(config, setup, runtime=runtime, layout=layout_of(config))
+
+
+def estimate(setting: tuple, runtime: tuple[int, str], tokenizer: int) -> tuple[int, object]:
+    """The plan's total less the runtime this process measured, plus the tokenizer (which the measured run loads)."""
+    from lorafit.planner.plan import Workload
+
+    batch, length = setting[0], setting[1]
+    plan = planner_for(setting, runtime).plan(Workload(batch, length, prompt_length=length // 2))
+    return plan.total - plan.runtime + tokenizer, plan
+
+
+def compare(settings: list[tuple]) -> list[dict]:
+    from lorafit.models import resolve_model_folder
+    from lorafit.planner.runtime import measure_runtime
+
+    size, words, tokenizer = measure_runtime("cpu", resolve_model_folder(None))
+    rows = []
+    for setting in settings:
+        measured = measure_in_subprocess(setting)
+        estimated, plan = estimate(setting, (size, words), tokenizer)
+        rows.append({"setting": list(setting), "measured": measured["peak"], "estimated": estimated,
+                     "error": estimated / measured["peak"] - 1, "tensor_peak": plan.step.peak,
+                     "weights": plan.weight_bytes, "loaded": measured["loaded"],
+                     "seconds_per_step": measured["seconds_per_step"]})
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _row(row: dict) -> str:
+    batch, length, dtype, quantize, checkpointing, targets, r = row["setting"]
+    what = f"{batch} × {length}, {dtype}{', ' + quantize if quantize != 'none' else ''}" \
+           f"{', checkpointing' if checkpointing else ''}, {targets} r={r}"
+    return (f"| {what} | {row['estimated'] / MiB:,.0f} | {row['measured'] / MiB:,.0f} | {row['error']:+.1%} | "
+            f"{row['tensor_peak'] / MiB:,.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--measure", nargs=7)
+    args = parser.parse_args()
+    if args.measure:
+        batch, length, dtype, quantize, checkpointing, targets, r = args.measure
+        print(json.dumps(measure(int(batch), int(length), dtype, quantize, checkpointing == "1", targets, int(r))))
+        return
+    settings = SETTINGS[:3] if args.quick else SETTINGS
+    machine = f"{platform.processor() or platform.machine()}, {platform.platform()}"
+    command = "python bench/memory_plan.py" + (" --quick" if args.quick else "")
+    rows = compare(settings)
+    name = "RESULTS-memory-plan-quick" if args.quick else "RESULTS-memory-plan"
+    lines = [f"# The memory planner vs lorafit's measured step ({time.strftime('%Y-%m-%d')})", "",
+             f"`{command}` on {machine}. Measured: peak RSS over three steps of lorafit's step on the default model "
+             "(SmolLM2-135M), above the process before loading; estimated: `lorafit estimate`'s total for the same "
+             "setting, less the runtime it measured for its own process, plus the tokenizer. Half of each example is "
+             "prompt (no labels).", "",
+             "| setting | estimated MiB | measured MiB | error | tensors at the step's peak MiB |", "|---|---|---|---|---|"]
+    lines += [_row(row) for row in rows]
+    (HERE / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (HERE / f"{name}.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

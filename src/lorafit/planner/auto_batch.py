@@ -1,0 +1,111 @@
+"""`lorafit train --batch-size auto`: the largest batch size whose plan fits the memory left after loading.
+
+The plan is for this run's own data: for each candidate batch size, the epoch's micro-batches are laid out
+as the loop will (same seed, same collate) and the one with the largest forward call is planned. The
+model is already loaded, so what must fit is the step (adapter, gradients, AdamW states, activations,
+temporaries and the allocator's allowance) in the memory available now, less a MARGIN. On CUDA one real
+forward and backward of that micro-batch confirms it (no optimizer step: the adapter is not changed), and
+an out-of-memory halves the batch until it fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.planner.plan import Planner
+from lorafit.planner.runtime import resident_bytes
+from lorafit.train.batching import plan_batches
+
+MARGIN = 0.10  # of the available memory, kept free for what the plan does not see (other processes, growth)
+MAX_AUTO_BATCH = 256
+
+
+def available_now(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise LorafitError("cannot read the available memory (/proc/meminfo); give --batch-size N")
+
+
+def _largest_call(examples: list, collate: Callable) -> int:
+    pieces = collate(examples)
+    return max(p.inputs["input_ids"].numel() + (p.inputs["prefix_ids"].numel() if "prefix_ids" in p.inputs else 0)
+               for p in pieces)
+
+
+def worst_micro_batch(examples: list, batch_size: int, seed: int, collate: Callable) -> list:
+    """The first epoch's micro-batch with the largest forward call, as the loop will lay it out."""
+    lengths = [len(e.input_ids) for e in examples]
+    plan = plan_batches(lengths, batch_size, seed, 0)
+    # cheap filter first: the micro-batches holding the most tokens or the longest example
+    candidates = sorted(plan, key=lambda b: (sum(lengths[i] for i in b), max(lengths[i] for i in b)))[-4:]
+    candidates += [max(plan, key=lambda b: max(lengths[i] for i in b))]
+    chosen = max(candidates, key=lambda b: _largest_call([examples[i] for i in b], collate))
+    return [examples[i] for i in chosen]
+
+
+def choose_batch_size(planner: Planner, examples: list, seed: int, device: torch.device,
+                      echo: Callable[[str], None] = print) -> int:
+    """The largest batch size (≤ MAX_AUTO_BATCH and the number of examples) whose step fits; says why."""
+    from lorafit.train.step import layout_collate
+
+    setup = planner.setup
+    collate = layout_collate(0, setup.row_tokens, packed=planner.packed,
+                             shared_prefix=planner.shared_prefix and not setup.gradient_checkpointing)
+    budget = int(available_now(device) * (1 - MARGIN))
+    ceiling = max(1, min(MAX_AUTO_BATCH, len(examples)))
+
+    def need(batch: int) -> int:
+        plan = planner.plan_examples(worst_micro_batch(examples, batch, seed, collate))
+        return plan.trainable_bytes + plan.step_bytes
+
+    if need(1) > budget:
+        raise LorafitError(f"--batch-size auto: even batch 1 needs {need(1) / 2**30:.2f} GiB for the step and "
+                           f"{budget / 2**30:.2f} GiB is free (after a {MARGIN:.0%} margin); try "
+                           "--gradient-checkpointing, --quantize nf4 or a shorter --max-length")
+    good, bad = 1, None
+    while good < ceiling:
+        trial = min(good * 2, ceiling)
+        if need(trial) > budget:
+            bad = trial
+            break
+        good = trial
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if need(middle) <= budget else (good, middle)
+    cap = " (the most it tries)" if good == ceiling and good == MAX_AUTO_BATCH else (
+        " (every example in one micro-batch)" if good == ceiling else "")
+    echo(f"batch size auto: {good}{cap} — its largest micro-batch's step is planned at {need(good) / 2**30:.2f} GiB, "
+         f"within the {budget / 2**30:.2f} GiB free now less a {MARGIN:.0%} margin"
+         + (f"; batch {bad} would need {need(bad) / 2**30:.2f} GiB" if bad is not None else "")
+         + f" (this process holds {resident_bytes() / 2**30:.2f} GiB already)")
+    return good
+
+
+def confirm_on_cuda(model, examples: list, batch_size: int, seed: int, collate: Callable,
+                    echo: Callable[[str], None] = print) -> int:
+    """One real forward and backward of the worst micro-batch; halve the batch on out-of-memory until it runs."""
+    from lorafit.train.step import accumulate_gradients
+
+    while True:
+        micro = worst_micro_batch(examples, batch_size, seed, collate)
+        pieces = [piece.to(next(model.parameters()).device) for piece in collate(micro)]
+        try:
+            accumulate_gradients(model, pieces, sum(piece.label_tokens for piece in pieces))
+            model.zero_grad(set_to_none=True)
+            return batch_size
+        except torch.cuda.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise LorafitError("--batch-size auto: batch 1 runs out of GPU memory; try --gradient-checkpointing, "
+                                   "--quantize nf4 or a shorter --max-length") from None
+            batch_size //= 2
+            echo(f"batch size auto: the probe step ran out of GPU memory; trying {batch_size}")

@@ -1,0 +1,113 @@
+"""What the planner measures on this machine: the runtime's own memory, the memory available, the layout.
+
+The runtime allowance is measured, not assumed, where it can be: on CPU it is this process's resident
+memory once torch and transformers are loaded (a `lorafit train` process carries the same) plus what
+loading the model's tokenizer adds; on CUDA it is the CUDA context, measured when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from lorafit.errors import LorafitError
+
+MiB = 2**20
+CUDA_CONTEXT_ASSUMED = 500 * MiB  # typical for a CUDA 12 context; said as an assumption when no GPU can be measured
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), or 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def runtime_allowance(device: str, model_folder: Path | None) -> tuple[int, str]:
+    """(bytes, what they are) of the process around the training step."""
+    size, words, _ = measure_runtime(device, model_folder)
+    return size, words
+
+
+def measure_runtime(device: str, model_folder: Path | None) -> tuple[int, str, int]:
+    """(bytes, what they are, of which the tokenizer) of the process around the training step."""
+    if device == "cuda":
+        if torch.cuda.is_available():
+            torch.cuda.init()
+            free, total = torch.cuda.mem_get_info()
+            used = total - free - torch.cuda.memory_reserved()
+            return used, "runtime: the CUDA context (measured on this GPU)", 0
+        return CUDA_CONTEXT_ASSUMED, "runtime: the CUDA context (assumed: no GPU here to measure)", 0
+    before = resident_bytes()
+    tokenizer = 0
+    if model_folder is not None and Path(model_folder).is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(model_folder, local_files_only=True)
+            tokenizer = max(resident_bytes() - before, 0)
+        except (OSError, ValueError):
+            tokenizer = 0
+    words = " and the tokenizer" if tokenizer else ""
+    return before + tokenizer, f"runtime: Python, torch, transformers{words} (measured at start)", tokenizer
+
+
+def available_memory(device: str) -> tuple[int, str]:
+    """(bytes, where the figure comes from) a training run could use on `device` here."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise LorafitError("--device cuda: there is no GPU here; give --device-memory (e.g. 24GiB)")
+        return torch.cuda.get_device_properties(0).total_memory, "this GPU's memory"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    # this process's own memory is freed when it ends, for the run to use
+                    return int(line.split()[1]) * 1024 + resident_bytes(), "this machine's available memory"
+    except OSError:
+        pass
+    raise LorafitError("cannot read this machine's available memory (/proc/meminfo); give --device-memory")
+
+
+def tiny_twin(config):
+    """The same architecture at toy sizes (one layer, width 64), to probe its behaviour for real in a second."""
+    twin = copy.deepcopy(config)
+    text = twin.get_text_config()
+    heads = 4
+    sizes = {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": heads, "vocab_size": 128,
+             "intermediate_size": 128, "head_dim": 16, "ffn_hidden_size": 128, "n_inner": 128}
+    for name, value in sizes.items():
+        if hasattr(text, name) and getattr(text, name) is not None:
+            setattr(text, name, value)
+    if getattr(text, "num_key_value_heads", None):
+        text.num_key_value_heads = min(text.num_key_value_heads, 2) if config.num_key_value_heads < \
+            config.num_attention_heads else heads
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:1]
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids inside the toy vocabulary
+        if isinstance(getattr(text, name, None), int):
+            setattr(text, name, 0)
+    return twin
+
+
+def layout_of(config, trust_remote_code: bool = False) -> tuple[bool, bool]:
+    """(packing exact, prefix sharing exact) for this architecture, probed on its tiny twin as the loop probes
+    the real model; (False, False) — padded rows, no shared prefix — when the twin cannot be built."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.train.forward import packing_is_exact, prefix_sharing_is_exact
+
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_twin(config), trust_remote_code=trust_remote_code)
+    except (TypeError, ValueError, RuntimeError, AttributeError, AssertionError):
+        return False, False
+    vocab = model.config.get_text_config().vocab_size
+    return packing_is_exact(model, vocab), prefix_sharing_is_exact(model, vocab)
