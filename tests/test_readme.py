@@ -56,3 +56,17 @@ def test_own_data_example_trains_on_the_embedded_model(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "tiny-run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_estimate_example_plans_the_seeds_run(capsys):
+    """The README's `lorafit estimate` line for the seed's run prints the weights and the verdict it quotes."""
+    block = next(b for b in _blocks("bash", "### Will it fit?") if b.startswith("lorafit estimate"))
+    argv = block.split("\n")[0:2]
+    command = " ".join(line.split("#")[0].rstrip(" \\") for line in argv).split()[1:]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "weights, float16" in out and "12,852.5 MiB" in out
+    assert "verdict: fits in 32.00 GiB" in out
+    readme = README.read_text(encoding="utf-8")
+    total = re.search(r"total\s+[\d,.]+ MiB \(([\d.]+) GiB\)", out).group(1)
+    assert f"total {total} GiB of 32: fits" in readme

@@ -192,17 +192,18 @@ def largest_batch(planner, workload, memory: int) -> tuple[int | None, str]:
     if first.total > memory:
         return None, (f"largest batch size that fits: none — batch 1 needs {_gib(first.total)}; try "
                       "--gradient-checkpointing, --quantize nf4, a shorter --max-length or more memory")
-    good, size, bad = 1, first.total, None
+    good, size, bad, since = 1, first.total, None, 1
     while bad is None and good < MAX_BATCH:
         trial = min(good * 2, MAX_BATCH)
         total = planner.plan(workload(trial)).total
         if total > memory:
             bad = trial
         elif total == size and trial >= 4:  # the peak no longer grows with the batch
-            return trial, (f"largest batch size that fits: any — the peak stays {_gib(total)} from batch {good} on "
+            return trial, (f"largest batch size that fits: any — the peak stays {_gib(total)} from batch {since} on "
                            f"(examples of ≥ {planner.setup.row_tokens} tokens run one at a time, so a larger batch "
                            "costs time, not memory)")
         else:
+            since = since if total == size else trial
             good, size = trial, total
     while bad is not None and bad - good > 1:
         middle = (good + bad) // 2
