@@ -82,7 +82,11 @@ def parse_memory(text: str, flag: str = "--device-memory") -> int:
     return size
 
 
-def _check(config: EstimateConfig) -> None:
+def _check(config: EstimateConfig, given: set[str]) -> None:
+    if "r" in given and config.method not in ("lora", "dora"):
+        raise LorafitError(f"--r is a LORA/DORA setting; --method {config.method} does not use it")
+    if config.table and config.batch_size is not None:
+        raise LorafitError("--table plans batch sizes 1-32 itself; --batch-size does not apply to it")
     if config.model and config.model_config:
         raise LorafitError("give --model or --model-config, not both")
     if config.r < 1:
@@ -110,7 +114,7 @@ def adapter_for(config: EstimateConfig):
 
 
 def run(config: EstimateConfig, echo=print, given=None) -> dict:
-    _check(config)
+    _check(config, set(given or ()))
     quantize = quantize_settings(config.quantize, config.double_quant)
     print_settings(config)
     import torch
