@@ -17,7 +17,8 @@ warm-up step, and on CUDA the device synchronised around every timed step. Per w
 tokens/s of each side and their ratio (median, min–max over the paired steps), the largest loss
 difference over the steps, and on CUDA each side's peak allocated memory during a step above what was
 allocated before it (torch.cuda.max_memory_allocated; both models stay loaded, so the figure is the
-step's own activations, gradients and optimizer state). Prints a Markdown table and writes JSON to
+step's own activations, gradients and optimizer state), and next to lorafit's largest step the memory
+planner's count for the same micro-batch (issue 16: `lorafit estimate`'s tensors, without its allowances). Prints a Markdown table and writes JSON to
 $OUT/device_check.json when $OUT is set (the device tool's output folder), else bench/RESULTS-device.json.
 """
 
@@ -100,10 +101,29 @@ def compare(key: str, data: str, workload, steps: int, device: torch.device, ran
         log(f"  {key} step {index}{' (warm-up)' if index == 0 else ''}: lorafit {a['seconds']:.3f} s, "
             f"peft {b['seconds']:.3f} s ({b['seconds'] / a['seconds']:.2f}x), {a['real_tokens']} tokens, "
             f"loss {a['loss']:.5f} / {b['loss']:.5f}")
+    planned = _planned_peak(lorafit_model, workload, examples, plan[1: steps + 1], records[1:], device)
     del lorafit_side, peft_side, lorafit_model, peft_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"key": key, "workload": workload.name, "data": data, "steps": records}
+    return {"key": key, "workload": workload.name, "data": data, "steps": records, "planned": planned}
+
+
+def _planned_peak(model, workload, examples: list, plan: list, records: list, device: torch.device) -> dict | None:
+    """The memory planner (issue 16) for the step with the largest measured CUDA peak: its tensor peak less
+    AdamW's states (which exist before every measured step, so the measured figure excludes them)."""
+    if device.type != "cuda" or not records:
+        return None
+    from lorafit.methods.lora import LoraConfig
+    from lorafit.planner.plan import Planner, Setup
+
+    index = max(range(len(records)), key=lambda i: records[i]["lorafit"]["peak_mib"])
+    setup = Setup(LoraConfig(r=workload.r, alpha=workload.alpha, target_modules=workload.targets), torch.float32,
+                  row_tokens=128, device="cuda")
+    step = Planner(model.config, setup).plan_examples([examples[i] for i in plan[index]])
+    planned = (step.step.peak - step.optimizer_states) / 2**20
+    measured = records[index]["lorafit"]["peak_mib"]
+    return {"step": index + 1, "measured_mib": measured, "planned_tensors_mib": planned,
+            "error": planned / measured - 1}
 
 
 def summary_row(result: dict) -> str:
@@ -121,8 +141,12 @@ def summary_row(result: dict) -> str:
     peaks = (f"{max(memory['lorafit'].samples):.0f} / {max(memory['peft'].samples):.0f} MiB "
              f"({max(memory['lorafit'].samples) / max(memory['peft'].samples):.2f}×)"
              if memory["lorafit"].samples else "—")
+    planned = result.get("planned")
+    plan = (f"{planned['planned_tensors_mib']:.0f} vs {planned['measured_mib']:.0f} MiB ({planned['error']:+.1%})"
+            if planned else "—")
     return (f"| {result['key']} ({result['workload']}, {result['data']}) | {lorafit_tps.text('{:.0f}')} | "
-            f"{peft_tps.text('{:.0f}')} | {ratio.text('{:.2f}×')} | {peaks} | {loss_delta:.1e} | {len(measured)} |")
+            f"{peft_tps.text('{:.0f}')} | {ratio.text('{:.2f}×')} | {peaks} | {loss_delta:.1e} | {len(measured)} | "
+            f"{plan} |")
 
 
 def main() -> None:
@@ -155,7 +179,8 @@ def main() -> None:
         results.append(compare(key, data, workload, steps, device, args.random_weights,
                                log=lambda m: print(m, flush=True)))
     table = ["| workload | lorafit tokens/s | peft tokens/s | ratio | peak memory per step, lorafit / peft | "
-             "max \\|Δ loss\\| | steps |", "|---|---|---|---|---|---|---|"]
+             "max \\|Δ loss\\| | steps | planner: tensors at lorafit's largest step vs measured |",
+             "|---|---|---|---|---|---|---|---|"]
     table += [summary_row(r) for r in results]
     print("\n" + header + "\n\n" + "\n".join(table), flush=True)
     folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else HERE

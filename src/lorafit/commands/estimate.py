@@ -132,7 +132,7 @@ def run(config: EstimateConfig, echo=print, given=None) -> dict:
 
         quantize = replace(quantize, compute_dtype=dtype)
     setup = Setup(adapter_for(config), dtype, quantize, config.gradient_checkpointing, config.row_tokens, device)
-    runtime = runtime_allowance(device, None if config.model_config else source)
+    runtime = runtime_allowance(device, None if config.model_config else source, quantized=quantize is not None)
     planner = Planner(model_config, setup, runtime=runtime, layout=layout_of(model_config, config.trust_remote_code),
                       trust_remote_code=config.trust_remote_code)
     memory, memory_words = ((parse_memory(config.device_memory), "--device-memory") if config.device_memory

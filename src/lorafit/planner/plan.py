@@ -6,12 +6,15 @@ real micro-batch of examples) by running lorafit's own step on them (planner.sim
 exact for tensors (tests/planner compare it with the same step on real weights); what it adds on top is
 stated as an allowance:
 
-- on CPU, the C allocator and the kernels' own buffers: glibc keeps freed blocks in its heap and reuses
-  them imperfectly, and kernels allocate scratch memory the tensor count cannot see, so the resident
-  peak exceeds the live-tensor peak. Measured on the default model (bench/memory_plan.py): by 47–243 MiB
-  over tensor peaks of 49–1,807 MiB, close to CPU_ALLOCATOR_FIXED + CPU_ALLOCATOR_SHARE of the peak
-  (fitted to the bench's first seven settings; its other rows are out of sample). How this grows on much
-  larger models is not measured here.
+- on CPU, the C allocator: glibc keeps freed blocks in its heap and reuses them imperfectly, so the
+  resident peak exceeds the live-tensor peak (with MALLOC_MMAP_THRESHOLD_=131072 the gap falls to 20-27 MiB,
+  so it is heap retention, not hidden buffers; that setting makes every step ~1.5x slower). Measured on the
+  default model (bench/memory_plan.py and the fit in lorafit's issue 16 note), the gap is ~0.24-0.34 of the
+  step's tensor peak when a micro-batch is one forward call, ~0.58-0.63 when it is several (gradients made
+  during one call's backward sit where the next call's activations would go), ~1.2 with activation
+  checkpointing (every layer recomputed per call). The planner adds CPU_HEAP_SHARE of the tensor peak for
+  the case at hand. These are fitted figures for this machine's glibc, stated as such; how they hold on
+  other machines and much larger models is not measured.
 - the runtime around the step: on CPU, the process's own memory before the model loads (Python, torch,
   transformers) plus the tokenizer, measured at start; on CUDA, the CUDA context (measured when a GPU is
   present, else CUDA_CONTEXT_ASSUMED, said as an assumption).
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,8 +43,8 @@ from lorafit.train.loop import LoopSettings
 from lorafit.train.step import layout_collate
 
 MiB = 2**20
-CPU_ALLOCATOR_FIXED = 64 * MiB
-CPU_ALLOCATOR_SHARE = 0.10
+# the C allocator's resident share on top of the step's tensor peak, by how the micro-batch runs (see above)
+CPU_HEAP_SHARE = {"one call": 0.30, "several calls": 0.60, "checkpointing": 1.2}
 CUDA_ALLOCATOR_ALLOWANCE = 0.10  # the caching allocator's rounding and segments (not measured here: no GPU)
 
 # Architectures the planner has been checked on (tests/planner): their decoder layers, attention and loss
@@ -93,7 +96,7 @@ class Plan:
     runtime: int
     runtime_note: str
     layout: str
-    notes: list[str] = field(default_factory=list)
+    allocator_note: str = "allocator allowance"
 
     @property
     def gradients(self) -> int:
@@ -132,10 +135,6 @@ class Plan:
             rows.insert(0, ("weights under 0.1 MiB (rotary tables, ...)", small))
         return rows
 
-    @property
-    def allocator_note(self) -> str:
-        return "allocator allowance (stated: see lorafit/planner/plan.py)"
-
 
 class Planner:
     """Plans for one model and one way of training it; `plan` is called per workload."""
@@ -171,6 +170,9 @@ class Planner:
         if setup.quantize is not None:
             if setup.adapter is None:
                 raise LorafitError("--quantize applies to adapter methods: full fine-tuning trains every weight")
+            if getattr(setup.adapter, "use_dora", False):
+                raise LorafitError("the memory planner does not model DoRA on a quantized base (its weight norms "
+                                   "dequantize every weight); plan DoRA on a float base, or LoRA with --quantize")
             quantize_fake_model(model, setup.quantize, setup.dtype, mode)
         return model, mode
 
@@ -209,17 +211,22 @@ class Planner:
         collate = layout_collate(0, setup.row_tokens, packed=self.packed, shared_prefix=shared)
         pieces = collate(examples)
         settings = LoopSettings(steps=1, batch_size=len(examples), gradient_checkpointing=setup.gradient_checkpointing)
-        # the loop autocasts an fp32 base to bf16 on CUDA (train/step.py: _autocast)
-        autocast = torch.bfloat16 if setup.device == "cuda" and setup.dtype == torch.float32 else None
+        # the loop autocasts to bf16 on CUDA unless the base is bf16 already (train/step.py: _autocast)
+        autocast = torch.bfloat16 if setup.device == "cuda" and setup.dtype != torch.bfloat16 else None
         one, two = (simulate_steps(model, mode, pieces, settings, autocast_dtype=autocast, on_cpu=setup.device == "cpu")
                     for model, mode in self.shallow)
         step = _extrapolate(one, two, self.layers)
         if setup.device == "cpu":
-            allocator = CPU_ALLOCATOR_FIXED + int(CPU_ALLOCATOR_SHARE * step.peak)
+            case = ("checkpointing" if setup.gradient_checkpointing else
+                    "one call" if len(pieces) == 1 else "several calls")
+            allocator = int(CPU_HEAP_SHARE[case] * step.peak)
+            note = f"C allocator allowance ({CPU_HEAP_SHARE[case]:.2f} × the tensor peak: {case}; fitted, planner/plan.py)"
         else:
             allocator = int(CUDA_ALLOCATOR_ALLOWANCE * step.peak)
+            note = f"CUDA caching allocator allowance ({CUDA_ALLOCATOR_ALLOWANCE:.0%} of the tensor peak; assumed)"
         return Plan(self.weights, self.trainable_parameters, self.trainable_bytes, step, allocator,
-                    self.runtime, self.runtime_note, _layout_words(step.pieces, "prefix_ids" in pieces[0].inputs))
+                    self.runtime, self.runtime_note, _layout_words(step.pieces, "prefix_ids" in pieces[0].inputs),
+                    note)
 
 
 def _layer_count(config) -> int:
@@ -243,7 +250,8 @@ def _extrapolate(one: StepMemory, two: StepMemory, layers: int) -> StepMemory:
 
     per_layer = two.activations - one.activations
     return StepMemory(peak=grow(one.peak, two.peak), activations=grow(one.activations, two.activations),
-                      per_layer=[per_layer] * layers, loss_peak=two.loss_peak, pieces=two.pieces)
+                      per_layer=[per_layer] * layers, loss_peak=two.loss_peak, pieces=two.pieces,
+                      allocated=grow(one.allocated, two.allocated), allocations=grow(one.allocations, two.allocations))
 
 
 def _layout_words(pieces: list[tuple], shared_prefix: bool) -> str:

@@ -8,6 +8,7 @@ loading the model's tokenizer adds; on CUDA it is the CUDA context, measured whe
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,21 +31,34 @@ def resident_bytes() -> int:
     return 0
 
 
-def runtime_allowance(device: str, model_folder: Path | None) -> tuple[int, str]:
+@dataclass(frozen=True)
+class Runtime:
+    """The memory around the training step, by part (see the module docstring)."""
+
+    process: int  # on CPU: this process before any model (Python, torch, transformers); on CUDA: the context
+    note: str
+    tokenizer: int = 0
+    bitsandbytes: int = 0  # its import (native library and modules), when the base is quantized
+
+    @property
+    def total(self) -> int:
+        return self.process + self.tokenizer + self.bitsandbytes
+
+
+def runtime_allowance(device: str, model_folder: Path | None, quantized: bool = False) -> tuple[int, str]:
     """(bytes, what they are) of the process around the training step."""
-    size, words, _ = measure_runtime(device, model_folder)
-    return size, words
+    runtime = measure_runtime(device, model_folder, quantized)
+    return runtime.total, runtime.note
 
 
-def measure_runtime(device: str, model_folder: Path | None) -> tuple[int, str, int]:
-    """(bytes, what they are, of which the tokenizer) of the process around the training step."""
+def measure_runtime(device: str, model_folder: Path | None, quantized: bool = False) -> Runtime:
+    """The runtime's parts, measured in this process (it must not have loaded a model or bitsandbytes yet)."""
     if device == "cuda":
         if torch.cuda.is_available():
             torch.cuda.init()
             free, total = torch.cuda.mem_get_info()
-            used = total - free - torch.cuda.memory_reserved()
-            return used, "runtime: the CUDA context (measured on this GPU)", 0
-        return CUDA_CONTEXT_ASSUMED, "runtime: the CUDA context (assumed: no GPU here to measure)", 0
+            return Runtime(total - free - torch.cuda.memory_reserved(), "runtime: the CUDA context (measured on this GPU)")
+        return Runtime(CUDA_CONTEXT_ASSUMED, "runtime: the CUDA context (assumed: no GPU here to measure)")
     before = resident_bytes()
     tokenizer = 0
     if model_folder is not None and Path(model_folder).is_dir():
@@ -55,8 +69,17 @@ def measure_runtime(device: str, model_folder: Path | None) -> tuple[int, str, i
             tokenizer = max(resident_bytes() - before, 0)
         except (OSError, ValueError):
             tokenizer = 0
-    words = " and the tokenizer" if tokenizer else ""
-    return before + tokenizer, f"runtime: Python, torch, transformers{words} (measured at start)", tokenizer
+    bitsandbytes = 0
+    if quantized:
+        from lorafit.quantize import import_bitsandbytes
+
+        start = resident_bytes()
+        import_bitsandbytes()
+        bitsandbytes = max(resident_bytes() - start, 0)
+    parts = ["Python, torch, transformers"] + (["the tokenizer"] if tokenizer else []) + (
+        ["bitsandbytes"] if bitsandbytes else [])
+    words = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    return Runtime(before, f"runtime: {words} (measured at start)", tokenizer, bitsandbytes)
 
 
 def available_memory(device: str) -> tuple[int, str]:

@@ -30,7 +30,8 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self.events: list[tuple[int, int]] = []  # (storage key, bytes) when created, (key, 0) when freed
+        self.allocated = 0  # every byte created, freed or not
+        self.allocations = 0
         self._sizes: dict[int, int] = {}
         for tensor in already_there:
             self._sizes[self._key(tensor)] = 0
@@ -47,15 +48,13 @@ class LiveBytes(TorchDispatchMode):
         size = storage.nbytes()
         self._sizes[key] = size
         self.live += size
+        self.allocated += size
+        self.allocations += 1
         self.peak = max(self.peak, self.live)
-        self.events.append((key, size))
         weakref.finalize(storage, self._release, key)
 
     def _release(self, key: int) -> None:
-        size = self._sizes.pop(key, 0)
-        self.live -= size
-        if size:
-            self.events.append((key, 0))
+        self.live -= self._sizes.pop(key, 0)
 
     def forget(self, tensor: torch.Tensor) -> None:
         key = self._key(tensor)

@@ -127,11 +127,12 @@ def weights_are_finite(parameters: list[torch.Tensor]) -> bool:
 
 
 def _autocast(device: torch.device, base_dtype: torch.dtype = torch.float32):
-    """bf16 autocast for an fp32 base on CUDA (adapters stay fp32); nothing on CPU or for a bf16/fp16 base.
+    """bf16 autocast on CUDA (adapters stay fp32), except for a bf16 base; nothing on CPU.
 
-    A base already in 16 bits computes in its own dtype. Autocasting it to bf16 anyway would keep a bf16
-    copy of every weight for backward (the memory planner counts 13.5 GB of them for llama-7B in fp16).
+    A bf16 base already computes in bf16; autocasting it anyway changes nothing but keeps a copy of every
+    weight for backward. An fp32 or fp16 base is autocast (fp16 alone would need loss scaling), and that
+    copy is the price: the memory planner counts it (13.5 GB for llama-7B).
     """
-    if device.type == "cuda" and base_dtype == torch.float32:
+    if device.type == "cuda" and base_dtype != torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
