@@ -16,7 +16,7 @@ import torch
 
 from lorafit.errors import LorafitError
 from lorafit.planner.plan import Planner
-from lorafit.planner.runtime import resident_bytes
+from lorafit.planner.runtime import mem_available, resident_bytes
 from lorafit.train.batching import plan_batches
 
 MARGIN = 0.10  # of the available memory, kept free for what the plan does not see (other processes, growth)
@@ -27,11 +27,7 @@ def available_now(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise LorafitError("cannot read the available memory (/proc/meminfo); give --batch-size N")
+    return mem_available()
 
 
 def _largest_call(examples: list, collate: Callable) -> int:

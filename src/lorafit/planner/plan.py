@@ -250,8 +250,7 @@ def _extrapolate(one: StepMemory, two: StepMemory, layers: int) -> StepMemory:
 
     per_layer = two.activations - one.activations
     return StepMemory(peak=grow(one.peak, two.peak), activations=grow(one.activations, two.activations),
-                      per_layer=[per_layer] * layers, loss_peak=two.loss_peak, pieces=two.pieces,
-                      allocated=grow(one.allocated, two.allocated), allocations=grow(one.allocations, two.allocations))
+                      per_layer=[per_layer] * layers, loss_peak=two.loss_peak, pieces=two.pieces)
 
 
 def _layout_words(pieces: list[tuple], shared_prefix: bool) -> str:

@@ -82,21 +82,27 @@ def measure_runtime(device: str, model_folder: Path | None, quantized: bool = Fa
     return Runtime(before, f"runtime: {words} (measured at start)", tokenizer, bitsandbytes)
 
 
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo: what the kernel can give a process without swapping."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise LorafitError("cannot read this machine's available memory (/proc/meminfo); give the memory or the "
+                       "batch size explicitly (--device-memory, --batch-size N)")
+
+
 def available_memory(device: str) -> tuple[int, str]:
     """(bytes, where the figure comes from) a training run could use on `device` here."""
     if device == "cuda":
         if not torch.cuda.is_available():
             raise LorafitError("--device cuda: there is no GPU here; give --device-memory (e.g. 24GiB)")
         return torch.cuda.get_device_properties(0).total_memory, "this GPU's memory"
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    # this process's own memory is freed when it ends, for the run to use
-                    return int(line.split()[1]) * 1024 + resident_bytes(), "this machine's available memory"
-    except OSError:
-        pass
-    raise LorafitError("cannot read this machine's available memory (/proc/meminfo); give --device-memory")
+    # this process's own memory is freed when it ends, for the run to use
+    return mem_available() + resident_bytes(), "this machine's available memory"
 
 
 def tiny_twin(config):

@@ -73,8 +73,6 @@ class StepMemory:
     per_layer: list[int] = field(default_factory=list)  # of those, what each decoder layer added
     loss_peak: int = 0  # the loss's own buffers at their peak (logits chunk, softmax, the hidden gradient)
     pieces: list[tuple] = field(default_factory=list)  # each forward call's input shape
-    allocated: int = 0  # bytes created during the second step, freed or not
-    allocations: int = 0
 
 
 def _is_single_sequence(piece: Batch) -> bool:
@@ -162,7 +160,6 @@ def simulate_steps(model: nn.Module, mode, pieces: list[Batch], settings: LoopSe
             # Step one creates AdamW's states; a tiny call does that as well as the real pieces would.
             for step_pieces in ([tiny], pieces):
                 tracker.reset_peak()
-                allocated, allocations = tracker.allocated, tracker.allocations
                 step_labels = sum(piece.label_tokens for piece in step_pieces)
                 for index, piece in enumerate(step_pieces):
                     after_layer.clear()
@@ -179,7 +176,6 @@ def simulate_steps(model: nn.Module, mode, pieces: list[Batch], settings: LoopSe
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             largest.peak = tracker.peak
-            largest.allocated, largest.allocations = tracker.allocated - allocated, tracker.allocations - allocations
     finally:
         for hook in hooks:
             hook.remove()

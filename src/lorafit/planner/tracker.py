@@ -20,18 +20,16 @@ from torch.utils._pytree import tree_flatten
 class LiveBytes(TorchDispatchMode):
     """Live and peak bytes of the tensor storages created while the mode is active.
 
-    Storages that exist before (`already_there`: the model's weights) are not counted; `mark()` records
-    the live bytes at a named moment (the planner marks each decoder layer's end), `reset_peak()` starts
-    a new peak from the current live bytes, `forget(tensor)` stops counting a storage the real run would
-    not have (see planner.simulate: a mask transformers builds only for fake inputs).
+    Storages that exist before (`already_there`: the model's weights) are not counted; `reset_peak()` starts
+    a new peak from the current live bytes (planner.simulate reads `live` in module hooks to split the step
+    into layers and the loss), `forget(tensor)` stops counting a storage the real run would not have (see
+    planner.simulate: a mask transformers builds only for fake inputs).
     """
 
     def __init__(self, already_there=()) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
-        self.allocated = 0  # every byte created, freed or not
-        self.allocations = 0
         self._sizes: dict[int, int] = {}
         for tensor in already_there:
             self._sizes[self._key(tensor)] = 0
@@ -48,8 +46,6 @@ class LiveBytes(TorchDispatchMode):
         size = storage.nbytes()
         self._sizes[key] = size
         self.live += size
-        self.allocated += size
-        self.allocations += 1
         self.peak = max(self.peak, self.live)
         weakref.finalize(storage, self._release, key)
 
