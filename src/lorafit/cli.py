@@ -1,4 +1,4 @@
-"""The `lorafit` command: `lorafit <train|eval|generate|merge|inspect|estimate> [--config FILE] [flags]`.
+"""The `lorafit` command: `lorafit <train|eval|generate|merge|export|inspect|estimate> [--config FILE] [flags]`.
 
 Each command is a dataclass (its fields are both the flags and the YAML keys; field docstrings are
 the --help text) and a `run(config)` function; tyro parses the command line into one of them, as a
@@ -34,6 +34,8 @@ COMMANDS = {
                  "answer a prompt with a model (+ adapter), streaming tokens"),
     "merge": ("lorafit.commands.merge", "MergeConfig",
               "fold an adapter into the base weights and save a plain transformers folder"),
+    "export": ("lorafit.commands.export", "ExportConfig",
+               "write an adapter or the merged model as GGUF, for llama.cpp, Ollama and LM Studio"),
     "inspect": ("lorafit.commands.inspect", "InspectConfig",
                 "list a model's modules, which ones the targets select, and the parameter counts"),
     "estimate": ("lorafit.commands.estimate", "EstimateConfig",

@@ -181,6 +181,27 @@ def _read_weights(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Ten
     return tensors, metadata
 
 
+def read_adapter(folder: str | Path, *, allow_pickle: bool = False) -> tuple[dict, object, dict[str, torch.Tensor]]:
+    """(adapter_config.json as read, the method's config it describes, the weights by file key), all checked.
+
+    For code that uses an adapter's tensors without a model (GGUF export); `load_adapter` starts here too.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise LorafitError(f"adapter folder {folder} does not exist")
+    if not folder.is_dir():
+        raise LorafitError(f"{folder} is a file; give the adapter folder (with {CONFIG_NAME})")
+    raw = read_adapter_config(folder)
+    tensors, metadata = _read_weights(folder, allow_pickle)
+    config = method_for_peft_type(raw["peft_type"]).config_from_file(raw, metadata, folder / CONFIG_NAME)
+    if not tensors:
+        raise LorafitError(f"{folder / WEIGHTS_NAME} holds no tensors")
+    for key in tensors:
+        if not key.startswith(KEY_PREFIX):
+            raise LorafitError(f"{folder / WEIGHTS_NAME}: key {key!r} does not start with {KEY_PREFIX!r} (not a peft file)")
+    return raw, config, tensors
+
+
 def load_adapter(
     model: nn.Module,
     folder: str | Path,
@@ -198,18 +219,7 @@ def load_adapter(
     the original back.
     """
     folder = Path(folder)
-    if not folder.exists():
-        raise LorafitError(f"adapter folder {folder} does not exist")
-    if not folder.is_dir():
-        raise LorafitError(f"{folder} is a file; give the adapter folder (with {CONFIG_NAME})")
-    raw = read_adapter_config(folder)
-    tensors, metadata = _read_weights(folder, allow_pickle)
-    config = method_for_peft_type(raw["peft_type"]).config_from_file(raw, metadata, folder / CONFIG_NAME)
-    if not tensors:
-        raise LorafitError(f"{folder / WEIGHTS_NAME} holds no tensors")
-    for key in tensors:
-        if not key.startswith(KEY_PREFIX):
-            raise LorafitError(f"{folder / WEIGHTS_NAME}: key {key!r} does not start with {KEY_PREFIX!r} (not a peft file)")
+    _, config, tensors = read_adapter(folder, allow_pickle=allow_pickle)
 
     # attach changes more than the new adapter: it activates it alone and freezes (first time) or
     # unfreezes parameters; remember those to put them back if the file does not fit.

@@ -84,23 +84,22 @@ def check_output(output: Path, overwrite: bool, protected: dict[str, Path]) -> N
                            "them out or choose another --output")
 
 
+@dataclass
+class Merged:
+    """An adapter folded into its base: the plain model, its tokenizer, and how it was made."""
+
+    model: object
+    tokenizer: object
+    adapter_paths: list
+    """The modules the adapter changed (their weights now hold W + ΔW)."""
+    quantization: object
+    into: Optional[str]
+
+
 def run(config: MergeConfig, echo=print, given=None) -> Path:
-    from lorafit.adapters import merge_and_unload
-    from lorafit.commands.common import (
-        check_base_model,
-        choose_base_model,
-        choose_quantization,
-        report_quantization,
-        resolve_adapter_folder,
-    )
+    from lorafit.commands.common import choose_base_model, resolve_adapter_folder
     from lorafit.files import apply_default_permissions, explain_write_errors
-    from lorafit.io import load_adapter
-    from lorafit.models import (
-        load_model_and_tokenizer,
-        parse_dtype,
-        resolve_model_folder,
-    )
-    from lorafit.quantize import dequantize_model
+    from lorafit.models import resolve_model_folder
 
     print_settings(config)
     output = Path(config.output)
@@ -110,23 +109,8 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
     if spec is not None:
         protected["the base model"] = Path(spec)
     check_output(output, config.overwrite, protected)
-    quantization = choose_quantization(config.quantize, config.double_quant, record, adapter_dir, echo)
-    into = _merge_target(config, quantization, echo)
-
-    load_dtype = config.dtype
-    if into in ("dequantized", "quantized") and quantization.compute_dtype is not None:
-        load_dtype = str(quantization.compute_dtype).removeprefix("torch.")  # quantized exactly as in training
-    model, tokenizer = load_model_and_tokenizer(spec, dtype=load_dtype, allow_pickle=config.allow_pickle,
-                                                trust_remote_code=config.trust_remote_code,
-                                                quantize=None if into == "original" else quantization)
-    report_quantization(model, echo)
-    check_base_model(record, model, adapter_dir, config.model)
-    load_adapter(model, adapter_dir, allow_pickle=config.allow_pickle)
-    if into == "dequantized":  # the trained-against weights, in the dtype the merged model is saved in
-        save_dtype = parse_dtype(config.dtype)
-        dequantize_model(model, dtype=save_dtype)
-        model.to(save_dtype)
-    merged = merge_and_unload(model.eval(), requantize=into == "quantized")
+    result = merge_adapter(config, adapter_dir, spec, record, echo)
+    merged, tokenizer, quantization = result.model, result.tokenizer, result.quantization
     _declare_added_biases(merged)
     _check_config_describes(merged)
     # Write beside the target and rename: a crash never leaves a half-written model folder.
@@ -141,7 +125,7 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
                 "lorafit_merge": 1, "adapter": str(adapter_dir.resolve()),
                 "base_model": record["model"] if record else str(spec or "default"),
                 "dtype": str(merged.dtype).removeprefix("torch."), "files": files,
-                **({"trained_on": quantization.to_record(), "merged_into": into} if quantization else {}),
+                **({"trained_on": quantization.to_record(), "merged_into": result.into} if quantization else {}),
             }, indent=2) + "\n", encoding="utf-8")
             apply_default_permissions(temporary)
             if output.exists():
@@ -152,6 +136,35 @@ def run(config: MergeConfig, echo=print, given=None) -> Path:
         shutil.rmtree(temporary, ignore_errors=True)
     echo(f"merged model saved to {output}")
     return output
+
+
+def merge_adapter(config: MergeConfig, adapter_dir: Path, spec, record, echo=print) -> Merged:
+    """Load the base (as the adapter was trained on it), attach the adapter, fold it in: `lorafit merge`
+    and `lorafit export --format gguf` both start from this."""
+    from lorafit.adapters import merge_and_unload, state_of
+    from lorafit.commands.common import check_base_model, choose_quantization, report_quantization
+    from lorafit.io import load_adapter
+    from lorafit.models import load_model_and_tokenizer, parse_dtype
+    from lorafit.quantize import dequantize_model
+
+    quantization = choose_quantization(config.quantize, config.double_quant, record, adapter_dir, echo)
+    into = _merge_target(config, quantization, echo)
+    load_dtype = config.dtype
+    if into in ("dequantized", "quantized") and quantization.compute_dtype is not None:
+        load_dtype = str(quantization.compute_dtype).removeprefix("torch.")  # quantized exactly as in training
+    model, tokenizer = load_model_and_tokenizer(spec, dtype=load_dtype, allow_pickle=config.allow_pickle,
+                                                trust_remote_code=config.trust_remote_code,
+                                                quantize=None if into == "original" else quantization)
+    report_quantization(model, echo)
+    check_base_model(record, model, adapter_dir, config.model)
+    load_adapter(model, adapter_dir, allow_pickle=config.allow_pickle)
+    paths = [path for paths in state_of(model).module_paths.values() for path in paths]
+    if into == "dequantized":  # the trained-against weights, in the dtype the merged model is saved in
+        save_dtype = parse_dtype(config.dtype)
+        dequantize_model(model, dtype=save_dtype)
+        model.to(save_dtype)
+    merged = merge_and_unload(model.eval(), requantize=into == "quantized")
+    return Merged(merged, tokenizer, paths, quantization, into)
 
 
 def _merge_target(config: MergeConfig, quantization, echo) -> Optional[str]:

@@ -1,0 +1,102 @@
+"""The tokenizer keys llama.cpp needs, written from a transformers folder's tokenizer.json.
+
+llama.cpp re-implements each tokenizer: it reads the vocabulary, the token types and the BPE merges from
+the file, and picks the pre-tokenizer (the regex that splits text before BPE) by the name in
+`tokenizer.ggml.pre`; without one it warns that generation quality will be degraded. llama.cpp's own
+converter recognises a tokenizer by hashing how it tokenizes a test text; lorafit reads the pre-tokenizer
+that tokenizer.json declares and names the llama.cpp pre-tokenizer that splits text the same way, and
+refuses one it does not know rather than writing a guess. Byte-level BPE tokenizers (GPT-2 style:
+SmolLM, Llama 3, ...) are written; a SentencePiece-style one (Llama 2, Mistral) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+
+from lorafit.errors import LorafitError
+
+# The GPT-2 regex's letters, numbers, other and whitespace pieces, as ByteLevel(use_regex=True) applies it.
+_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True, "add_prefix_space": False}
+# Llama 3's split regex, as its tokenizer.json spells it.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _matches(step: dict, wanted: dict) -> bool:
+    return all(step.get(key) == value for key, value in wanted.items())
+
+
+def llama_cpp_pre_tokenizer(pre_tokenizer: dict | None) -> str | None:
+    """llama.cpp's name for the pre-tokenizer a tokenizer.json declares, or None when lorafit knows none."""
+    if not pre_tokenizer:
+        return None
+    steps = pre_tokenizer.get("pretokenizers") if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    steps = steps or []
+    if len(steps) == 1 and _matches(steps[0], _BYTE_LEVEL):
+        return "gpt-2"
+    if len(steps) == 2 and _matches(steps[0], {"type": "Digits", "individual_digits": True}) \
+            and _matches(steps[1], _BYTE_LEVEL):
+        return "smollm"  # every digit alone, then GPT-2's regex
+    if len(steps) == 2 and _matches(steps[0], {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT},
+                                               "behavior": "Isolated", "invert": False}) \
+            and _matches(steps[1], {"type": "ByteLevel", "use_regex": False}):
+        return "llama-bpe"
+    return None
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.* and the chat template for the model folder's byte-level BPE tokenizer."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise LorafitError(f"{folder} has no tokenizer.json; GGUF export writes the tokenizer from it")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise LorafitError(f"{path}: a {model.get('type')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''}"
+                           " (SentencePiece style); GGUF export writes byte-level BPE tokenizers only: export the "
+                           "adapter (--format gguf-lora) and apply it to a GGUF made by llama.cpp's converter")
+    pre = llama_cpp_pre_tokenizer(spec.get("pre_tokenizer"))
+    if pre is None:
+        raise LorafitError(f"{path}: lorafit does not know llama.cpp's name for the pre-tokenizer "
+                           f"{json.dumps(spec.get('pre_tokenizer'))[:120]} (it knows GPT-2's, SmolLM's and Llama 3's); "
+                           "export the adapter (--format gguf-lora) and apply it to a GGUF made by llama.cpp's converter")
+
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(_adds_bos(tokenizer))
+    writer.add_add_space_prefix(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by itself (llama.cpp then does the same)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
