@@ -113,6 +113,25 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     return write_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_smollm(tmp_path_factory) -> Path:
+    """A tiny float Llama with the embedded model's real tokenizer (tests/export/conftest.write_tiny_smollm)."""
+    from tests.export.conftest import write_tiny_smollm
+
+    return write_tiny_smollm(tmp_path_factory.mktemp("tiny-smollm"))
+
+
+@pytest.fixture(scope="session")
+def trained_default_run(tmp_path_factory) -> Path:
+    """`lorafit train` with no arguments but --output (what `make demo` runs: ~3 min on 2 cores), trained once
+    for the tests that need its adapter (the demo's figures, the GGUF export checked in llama.cpp)."""
+    from lorafit.cli import main
+
+    run = tmp_path_factory.mktemp("default-run") / "demo"
+    assert main(["train", "--output", str(run)]) == 0
+    return run
+
+
 # Sizes that are multiples of 64: 4-bit layers with other input sizes stay float on CPU
 # (lorafit.quantize.kept_float_on_cpu), which would leave little of the tiny models above quantized.
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=128)

@@ -45,18 +45,18 @@ def test_a_few_steps_on_the_default_model_then_merge_eval_generate(tmp_path, cap
     assert capsys.readouterr().out.strip()
 
 
-def test_the_default_job_lifts_held_out_exact_match_from_below_20_to_at_least_80_percent(tmp_path, capsys):
+def test_the_default_job_lifts_held_out_exact_match_from_below_20_to_at_least_80_percent(trained_default_run, capsys):
     """What `make demo` runs (`lorafit train` with no arguments), with only the output folder set; then the
     README's `generate` example on its adapter answers as the README says."""
-    assert main(["train", "--output", str(tmp_path / "demo")]) == 0
-    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    demo = trained_default_run
+    metrics = json.loads((demo / "metrics.json").read_text())
     assert metrics["before"]["exact_match"] < 0.2
     assert metrics["after"]["exact_match"] >= 0.8
-    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (demo / "adapter" / "adapter_model.safetensors").is_file()
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     command = re.search(r"^lorafit generate --adapter runs/dates \$'(.*)'$", readme, flags=re.M)
     prompt = command.group(1).replace("\\n", "\n")
     capsys.readouterr()
-    assert main(["generate", "--adapter", str(tmp_path / "demo"), prompt]) == 0
+    assert main(["generate", "--adapter", str(demo), prompt]) == 0
     assert capsys.readouterr().out.strip() == "2021-03-05"

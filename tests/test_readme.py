@@ -70,3 +70,19 @@ def test_estimate_example_plans_the_seeds_run(capsys):
     readme = README.read_text(encoding="utf-8")
     total = re.search(r"total\s+[\d,.]+ MiB \(([\d.]+) GiB\)", out).group(1)
     assert f"total {total} GiB of 32: fits" in readme  # the fp16 column, as the command plans it
+
+
+@pytest.mark.slow
+def test_export_example_writes_both_files_from_a_trained_run(trained_default_run, tmp_path, monkeypatch):
+    """The `lorafit export` lines of "Run it in llama.cpp / Ollama", on the default job's run (trained once for
+    the slow tests); llama.cpp runs what they write in tests/export/test_in_llama_cpp.py."""
+    block = _blocks("bash", "### Run it in llama.cpp")[0]
+    lines = [line.split("#")[0].split() for line in block.strip().splitlines()]
+    assert lines[0][:2] == ["lorafit", "train"]
+    exports = [line for line in lines if line[:2] == ["lorafit", "export"]]
+    assert len(exports) == 2
+    monkeypatch.chdir(tmp_path)
+    for command in exports:
+        args = [str(trained_default_run) if arg == "runs/dates" else arg for arg in command[1:]]
+        assert main(args) == 0
+    assert (tmp_path / "dates-lora.gguf").stat().st_size < 2**20 < (tmp_path / "dates.gguf").stat().st_size

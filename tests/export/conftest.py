@@ -3,7 +3,6 @@
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 import lorafit
@@ -33,11 +32,6 @@ def write_tiny_smollm(folder: Path, seed: int = 0, **overrides) -> Path:
         if (source / name).is_file():
             shutil.copy(source / name, folder / name)
     return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_smollm(tmp_path_factory) -> Path:
-    return write_tiny_smollm(tmp_path_factory.mktemp("tiny-smollm"))
 
 
 def make_adapter(base: Path | None, out: Path, seed: int = 1, scale: float = 0.3, zero: bool = False,

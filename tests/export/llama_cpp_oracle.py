@@ -4,6 +4,8 @@ ggml's AMX kernels crash on this project's machines (SIGSEGV in ggml_backend_amx
 SmolLM2 GGUF too, on a CPU with AMX-INT8), so models load without llama.cpp's extra buffer types, as
 `llama-cli --no-repack` does: its plain CPU kernels, the same on every x86 machine. llama-cpp-python's
 `Llama` has no keyword for that, so the default model parameters it starts from are wrapped while it loads.
+The key/value cache is kept in f32 (llama.cpp's default is f16, which alone rounds attention by ~1e-3), so
+float models can be compared with lorafit's fp32 at float tolerances.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def load(model_path, lora_path=None, n_ctx: int = 512):
     low.llama_model_default_params = without_extra_buffer_types
     try:
         return module.Llama(model_path=str(model_path), lora_path=None if lora_path is None else str(lora_path),
-                            n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False, seed=0)
+                            n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False, seed=0,
+                            type_k=module.GGML_TYPE_F32, type_v=module.GGML_TYPE_F32)
     finally:
         low.llama_model_default_params = original
 

@@ -119,6 +119,14 @@ def test_a_merged_gguf_base_keeps_every_unchanged_tensor_byte_for_byte_and_its_k
             assert merged.fields[key].contents() == field.contents(), key
     assert json.loads(merged.fields["lorafit.export"].contents())["format"] == "gguf"
 
+    # and transformers reads it back as base + adapter (the merged q weights back in its row order)
+    model, tokenizer = lorafit_model(None, adapter)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=output.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected, got = model(ids).logits, back(ids).logits
+    assert float((got - expected).abs().max()) <= 1.5e-2 * float(expected.abs().max())
+
 
 def test_the_tokenizer_written_from_a_folder_is_the_one_in_the_original_gguf(tiny_smollm, tmp_path):
     """SmolLM2's tokenizer.json (here converted from its GGUF by transformers) written back: the same tokens,
@@ -146,3 +154,26 @@ def test_pre_tokenizers_are_named_by_what_they_declare_and_unknown_ones_are_refu
         {**byte_level, "use_regex": False}]}) == "llama-bpe"
     assert llama_cpp_pre_tokenizer({**byte_level, "use_regex": False}) is None
     assert llama_cpp_pre_tokenizer({"type": "Metaspace"}) is None
+
+
+@pytest.mark.parametrize("outtype, tolerance", [("bf16", 2**-8), ("q8_0", 1 / 127)])
+def test_bf16_and_q8_0_tensors_read_back_as_the_f32_export_within_their_rounding(tiny_smollm, tmp_path, outtype,
+                                                                                 tolerance):
+    """Each tensor dequantized by gguf-py equals the f32 export's within one step of the type's rounding (bf16:
+    2^-8 relative; q8_0: its block's scale, max|block| / 127; rounding to nearest makes half of it); 1-D tensors
+    stay f32."""
+    adapter = make_adapter(tiny_smollm, tmp_path / "adapter")
+    for kind in ("f32", outtype):
+        assert export("--adapter", adapter, "--format", "gguf", "--outtype", kind, "--output", tmp_path / f"{kind}.gguf") == 0
+    exact, rounded = tensors_of(tmp_path / "f32.gguf"), tensors_of(tmp_path / f"{outtype}.gguf")
+    for name, tensor in rounded.items():
+        reference = np.asarray(exact[name].data, dtype=np.float32)
+        if reference.ndim == 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+            continue
+        assert tensor.tensor_type.name == outtype.upper()
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(reference.shape)
+        blocks = np.abs(reference).reshape(reference.shape[0], -1, 32).max(axis=-1, keepdims=True)
+        bound = (np.abs(reference) if outtype == "bf16" else np.broadcast_to(blocks, reference.shape[:1] + (
+            reference.shape[1] // 32, 32)).reshape(reference.shape)) * tolerance
+        assert np.all(np.abs(values - reference) <= bound + 1e-12), name

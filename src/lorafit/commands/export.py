@@ -97,7 +97,12 @@ def _export_adapter(config: ExportConfig, output: Path, adapter_dir: Path, spec,
     import gguf
 
     from lorafit.export.gguf_file import marker, write_gguf
-    from lorafit.export.gguf_lora import add_lora_tensors, check_against_base, common_alpha, lora_pairs
+    from lorafit.export.gguf_lora import (
+        add_lora_tensors,
+        check_against_base,
+        common_alpha,
+        lora_pairs,
+    )
     from lorafit.export.layout import layout_of, layout_of_gguf
     from lorafit.io import KEY_PREFIX, WEIGHTS_NAME, read_adapter
     from lorafit.models import load_config, resolve_model_folder

@@ -142,7 +142,11 @@ def merge_adapter(config: MergeConfig, adapter_dir: Path, spec, record, echo=pri
     """Load the base (as the adapter was trained on it), attach the adapter, fold it in: `lorafit merge`
     and `lorafit export --format gguf` both start from this."""
     from lorafit.adapters import merge_and_unload, state_of
-    from lorafit.commands.common import check_base_model, choose_quantization, report_quantization
+    from lorafit.commands.common import (
+        check_base_model,
+        choose_quantization,
+        report_quantization,
+    )
     from lorafit.io import load_adapter
     from lorafit.models import load_model_and_tokenizer, parse_dtype
     from lorafit.quantize import dequantize_model
