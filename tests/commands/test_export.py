@@ -92,6 +92,10 @@ def test_the_base_gguf_itself_is_never_an_output(tmp_path, capsys):
         assert export("--adapter", adapter, "--model", base, "--output", base, *flags) == 1
         assert "is the base model" in error_line(capsys)
     assert base.read_bytes() == before
+    # written for another GGUF than the recorded base (a copy here): done, and said
+    assert export("--adapter", adapter, "--model", base, "--output", tmp_path / "a.gguf") == 0
+    assert f"written for {base} (its architecture and every adapted tensor's shape checked, its weights not " \
+           "compared)" in capsys.readouterr().out
 
 
 def test_bad_settings_are_one_line_each_and_write_nothing(adapter, tiny_chat_model, tmp_path, capsys):

@@ -58,9 +58,9 @@ def run(config: ExportConfig, echo=print, given=None) -> Path:
     adapter_dir = resolve_adapter_folder(config.adapter)
     spec, record = choose_base_model(config.model, adapter_dir, echo)
     base_gguf = source_gguf(spec)
-    check_output(output, config.overwrite, {"the base model": base_gguf, "the base model file": Path(spec) if spec else None})
+    check_output(output, config.overwrite, {"the base model": base_gguf})
     if config.format == "gguf-lora":
-        return _export_adapter(config, output, adapter_dir, spec, base_gguf, echo)
+        return _export_adapter(config, output, adapter_dir, spec, record, base_gguf, echo)
     return _export_merged(config, output, adapter_dir, spec, record, base_gguf, echo)
 
 
@@ -93,7 +93,7 @@ def _read_gguf(path: Path):
         raise LorafitError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
 
 
-def _export_adapter(config: ExportConfig, output: Path, adapter_dir: Path, spec, base_gguf, echo) -> Path:
+def _export_adapter(config: ExportConfig, output: Path, adapter_dir: Path, spec, record, base_gguf, echo) -> Path:
     import gguf
 
     from lorafit.export.gguf_file import marker, write_gguf
@@ -104,6 +104,7 @@ def _export_adapter(config: ExportConfig, output: Path, adapter_dir: Path, spec,
         lora_pairs,
     )
     from lorafit.export.layout import layout_of, layout_of_gguf
+    from lorafit.identity import model_spec
     from lorafit.io import KEY_PREFIX, WEIGHTS_NAME, read_adapter
     from lorafit.models import load_config, resolve_model_folder
 
@@ -113,6 +114,10 @@ def _export_adapter(config: ExportConfig, output: Path, adapter_dir: Path, spec,
         base = _read_gguf(base_gguf)
         layout = layout_of_gguf(base, base_gguf)
         check_against_base(pairs, layout, base, base_gguf)
+        if record is not None and config.model is not None and model_spec(config.model) != record["model"]:
+            # a GGUF of the same model in another quantization is the usual reason; weights are not compared
+            echo(f"note: {adapter_dir} was trained on {record['model']}; written for {base_gguf} (its architecture "
+                 "and every adapted tensor's shape checked, its weights not compared)")
     else:
         layout = layout_of(load_config(resolve_model_folder(spec), trust_remote_code=config.trust_remote_code))
     alpha = common_alpha(pairs)
