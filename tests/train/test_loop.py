@@ -225,3 +225,33 @@ def test_compile_on_cpu_without_a_cxx_compiler_is_a_clear_error(tmp_path, monkey
     with pytest.raises(LorafitError, match=r"--compile on CPU needs a C\+\+ compiler"):
         _train(tmp_path, steps=1, compile_backend="inductor")
     assert not (tmp_path / "log.jsonl").exists()  # refused before the run folder was written to
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 1), (0, 10), (10, 100), (3, 7), (5, 5), (8, 4)])
+def test_the_schedule_gives_transformers_multipliers_step_for_step(warmup, total):
+    """lorafit's own warm-up + cosine schedule against transformers' (the oracle, imported here only)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from lorafit.train.loop import warmup_cosine_schedule
+
+    def lrs(make) -> list:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        schedule, seen = make(optimizer, warmup, total), []
+        for _ in range(total + 3):
+            seen.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    assert lrs(warmup_cosine_schedule) == lrs(get_cosine_schedule_with_warmup)
+
+
+def test_training_imports_neither_peft_nor_bitsandbytes(tmp_path):
+    """The loop runs without transformers' trainer utilities, which import both where they are installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lorafit.train.loop import train; import lorafit.commands.train; "
+            "print(sorted(m for m in ('peft', 'bitsandbytes', 'transformers.trainer_utils') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
