@@ -38,6 +38,7 @@ from lorafit.commands.train_resume import (
     read_run_settings,
     start_or_resume,
 )
+from lorafit.errors import LorafitError
 from lorafit.files import write_json, write_text
 from lorafit.tasks import BUILTIN
 from lorafit.train import run_folder
@@ -52,6 +53,22 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
     # torch and transformers load here, not at import, so `lorafit train --help` answers at once.
     import torch
 
+    from lorafit.train import distributed
+
+    given = given_settings(config) if given is None else set(given)
+    check_settings(config, given)
+    if config.nproc is not None and config.nproc > 1 and not distributed.launched_by_torchrun():
+        return _launch_torchrun(config, given, echo)
+    ranks = distributed.start("cuda" if torch.cuda.is_available() else "cpu", config.collective_timeout)
+    try:
+        return _run(config, given, echo, ranks)
+    finally:
+        distributed.stop()
+
+
+def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
+    import torch
+
     from lorafit.accounting import report
     from lorafit.adapters import attach
     from lorafit.data import build_dataset, render_example
@@ -59,12 +76,16 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
     from lorafit.identity import base_identity
     from lorafit.io import save_adapter
     from lorafit.models import load_model_and_tokenizer
+    from lorafit.train.distributed import check_under_torchrun, from_main
     from lorafit.train.loop import COMPILE_BACKEND, LoopSettings, check_compile, train
     from lorafit.train.plot import plot_losses
 
-    given = given_settings(config) if given is None else set(given)
-    check_settings(config, given)
-    start = start_or_resume(config, given, echo)
+    main = ranks is None or ranks.is_main
+    if not main:
+        echo = _silent  # rank 0 speaks for the run
+    check_under_torchrun(config, ranks)
+    # rank 0 checks the run folder (or reads the resumed run) and tells the others, or its error
+    start = from_main(lambda: start_or_resume(config, given, echo), ranks)
     config, run_dir, resume = start.config, start.run_dir, start.checkpoint
     why_dtype: list[str] = []
     if config.dtype is None:  # recorded resolved, so a resumed run (on any machine) keeps it
@@ -123,8 +144,8 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
         return metrics
 
     # The adapter starts as the identity (B = 0, IA3 ones, BitFit zeros, PiSSA's residual + its part), so
-    # this is the base model's score.
-    before = held_out_metrics(with_generation=True) if resume is None else start.saved_before
+    # this is the base model's score (measured by rank 0 alone).
+    before = (held_out_metrics(with_generation=True) if main else {}) if resume is None else start.saved_before
     if before:
         echo("held-out before training: " + _format(before))
 
@@ -132,7 +153,9 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
     resolved = {**asdict(config), "steps": steps, "lr": lr, "warmup_steps": warmup, "output": str(run_dir),
                 "resume": None, **{name: absolute(getattr(config, name)) for name in PATH_SETTINGS},
                 **({REPORT_KEY: quantized} if quantized else {})}
-    if resume is None:
+    if not main:
+        pass
+    elif resume is None:
         _write_run_start(run_dir, config, resolved, identity, before)
     else:
         if resolved != {**read_run_settings(run_dir, keep_report=True), "resume": None}:
@@ -150,7 +173,10 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
     )
     result = train(model, train_set, settings, run_dir, pad_id=pad_id, vocab_size=len(tokenizer),
                    evaluate=(lambda: held_out_metrics(with_generation=False)) if held_set and config.eval_every else None,
-                   resume=resume.path if resume is not None else None, base_model=identity, echo=echo)
+                   resume=resume.path if resume is not None else None, base_model=identity, echo=echo,
+                   ranks=ranks)
+    if not main:
+        return {"rank": ranks.rank, "steps": result.steps_done}
     adapter_dir = save_adapter(model, run_dir / run_folder.ADAPTER, base_model_name_or_path=str(model.name_or_path),
                                base_model=identity)
     plot_losses(run_dir / run_folder.LOG, run_dir / run_folder.PLOT)
@@ -175,6 +201,34 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
          f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); adapter saved to {adapter_dir}")
     echo(f"loss curve: {run_dir / 'loss.png'}; step log: {run_dir / 'log.jsonl'}")
     return metrics
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _launch_torchrun(config: TrainConfig, given: set[str], echo) -> dict:
+    """--nproc N: the same command in N processes on this machine, started by torchrun (--standalone).
+
+    The settings given travel as a YAML file (keys = flags), so the processes run exactly what was asked.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    settings = {name: getattr(config, name) for name in sorted(given)}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="lorafit-nproc-", delete=False) as handle:
+        handle.write(_yaml(settings))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={config.nproc}",
+               "-m", "lorafit.cli", "train", "--config", handle.name]
+    echo(f"--nproc {config.nproc}: {' '.join(command)}")
+    try:
+        done = subprocess.run(command, check=False)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise LorafitError(f"torchrun exited with code {done.returncode}; the failing rank's error is above")
+    return {"nproc": config.nproc}
 
 
 def _read_data(config: TrainConfig, echo) -> tuple[list, list]:

@@ -109,6 +109,12 @@ class TrainSettings:
     double_quant: DoubleQuant = False
     allow_pickle: AllowPickle = False
     trust_remote_code: TrustRemoteCode = False
+    nproc: Optional[int] = None
+    """Train in N processes on this machine (torchrun --standalone --nproc-per-node N): data parallel, each
+    process runs its share of every --batch-size micro-batch; the result is the one-process result. Under
+    your own torchrun (several machines, SLURM) leave it out."""
+    collective_timeout: int = 300
+    """Under torchrun: seconds a process waits for the others at a step before failing (a rank lost or hung)."""
 
 
 def _with_method_options(settings: type) -> type:
@@ -146,7 +152,8 @@ def method_settings() -> dict[str, tuple[str, ...]]:
 
 # What --resume takes from the command line; every other setting comes from the run's config.yaml.
 RESUME_MAY_CHANGE = ("steps", "epochs", "eval_every", "eval_examples", "max_new_tokens", "save_every",
-                     "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "compile", "row_tokens")
+                     "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "compile", "row_tokens",
+                     "nproc", "collective_timeout")
 # Permissions are never taken from a file: a resumed run that needed them must be given them again.
 PERMISSIONS = ("allow_pickle", "trust_remote_code")
 PATH_SETTINGS = ("model", "data", "eval_data")
@@ -219,6 +226,13 @@ def check_settings(config: TrainConfig, given: set[str]) -> None:
                                f"{BUILTIN.held_out_examples} examples")
     if config.resume and config.overwrite:
         raise LorafitError("--overwrite replaces a run and --resume continues one: give one of them")
+    if config.nproc is not None and config.nproc < 1:
+        raise LorafitError(f"--nproc must be >= 1, got {config.nproc}")
+    if config.nproc is not None and config.nproc > 1 and config.batch_size == "auto":
+        raise LorafitError("--batch-size auto plans one process's memory; with --nproc give the global --batch-size "
+                           "(each process runs its share of it)")
+    if config.collective_timeout < 1:
+        raise LorafitError(f"--collective-timeout must be >= 1 second, got {config.collective_timeout}")
 
 
 def _method_options(config: TrainConfig):

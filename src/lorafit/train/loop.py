@@ -12,6 +12,7 @@ turn NaN/Inf stop the run at once, whatever `on_nonfinite` says: they are never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from lorafit.train.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from lorafit.train.distributed import Ranks, any_rank, share
 from lorafit.train.loss import head_and_body
 from lorafit.train.step import (
     StepResult,
@@ -95,13 +97,18 @@ def train(
     resume: Path | None = None,
     base_model: dict | None = None,
     echo: Callable[[str], None] = print,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters on tokenised `examples`; checkpoints go to run_dir/checkpoints.
 
     `resume` is a checkpoint folder to continue from; `base_model` (lorafit.identity) is recorded in
-    every checkpoint's adapter so it names the model it was made for.
+    every checkpoint's adapter so it names the model it was made for. `ranks`: under torchrun, this
+    process's place (lorafit.train.distributed): it trains on its share of every step, and only rank 0
+    writes the log, the checkpoints and the progress bar.
     """
-    run = setup_training(model, settings, run_dir, pad_id=pad_id, vocab_size=vocab_size, resume=resume, echo=echo)
+    main = ranks is None or ranks.is_main
+    run = setup_training(model, settings, run_dir, pad_id=pad_id, vocab_size=vocab_size, resume=resume, echo=echo,
+                         writes=main)
     position, checkpoints = run.position, run_dir / "checkpoints"
     stream = _micro_batches([len(e.input_ids) for e in examples], settings, position)
     result = TrainResult(steps_done=position.step, start_step=position.step)
@@ -111,13 +118,15 @@ def train(
     previous_attention = use_fp32_attention(model)  # bf16 on CPU: attention in fp32 (train/attention.py)
     try:
         model.train()
-        bar = tqdm(total=settings.steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True)
-        with _StopRequest() as stop, (run_dir / "log.jsonl").open("a", encoding="utf-8") as log, bar:
+        bar = tqdm(total=settings.steps, initial=position.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not main)
+        log_file = (run_dir / "log.jsonl").open("a", encoding="utf-8") if main else contextlib.nullcontext(_NoLog())
+        with _StopRequest() as stop, log_file as log, bar:
             while position.step < settings.steps:
                 step_started = time.perf_counter()
-                micro = _next_micro_batches(stream, examples, run.collate, settings.grad_accum, position)
+                micro = _next_micro_batches(stream, examples, run.collate, settings.grad_accum, position, ranks)
                 step = train_step(model, micro, run.parameters, run.optimizer, settings.max_grad_norm,
-                                  run.scheduler, body=run.body)
+                                  run.scheduler, body=run.body, ranks=ranks)
                 position.step += 1
                 if step.applied:
                     if not weights_are_finite(run.parameters):
@@ -136,15 +145,17 @@ def train(
                 if finished and result.skipped_steps == position.step - result.start_step:
                     raise LorafitError(f"every step of this run ({result.skipped_steps}) had a non-finite loss or "
                                        "gradient, so nothing was learned and no adapter is saved; lower --lr")
-                if evaluate is not None and (finished or _due(settings.eval_every, position.step)):
+                if evaluate is not None and main and (finished or _due(settings.eval_every, position.step)):
                     record["eval"] = _evaluate(model, evaluate, position.step, result, bar)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
 
-                if finished or stop.requested or _due(settings.save_every, position.step):
-                    save_checkpoint(checkpoints, position, model, adapter_name, run.optimizer, run.scheduler,
-                                    run.parameter_names, settings.keep_checkpoints, base_model=base_model)
-                    if stop.requested:
+                stopping = any_rank(stop.requested, ranks)  # every rank stops after the same step
+                if finished or stopping or _due(settings.save_every, position.step):
+                    if main:
+                        save_checkpoint(checkpoints, position, model, adapter_name, run.optimizer, run.scheduler,
+                                        run.parameter_names, settings.keep_checkpoints, base_model=base_model)
+                    if stopping:
                         result.interrupted = True
                         bar.write(f"interrupted at step {position.step}: checkpoint written; "
                                   f"continue with --resume {run_dir}")
@@ -174,11 +185,13 @@ class TrainingSetup:
 
 
 def setup_training(model, settings: LoopSettings, run_dir: Path, *, pad_id: int, vocab_size: int,
-                   resume: Path | None = None, echo: Callable[[str], None] = print) -> TrainingSetup:
+                   resume: Path | None = None, echo: Callable[[str], None] = print,
+                   writes: bool = True) -> TrainingSetup:
     """Seeds, optimizer and schedule, the resumed state, the batch layout, the compiled body, the log.
 
     Resume restores the optimizer, the schedule and the random state over what is built here, and the
-    step log is cut back to the checkpoint's step (the steps after it will be redone).
+    step log is cut back to the checkpoint's step (the steps after it will be redone; `writes`: this
+    process writes the run folder, rank 0 under torchrun).
     """
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)
@@ -193,8 +206,9 @@ def setup_training(model, settings: LoopSettings, run_dir: Path, *, pad_id: int,
         echo(f"resumed from {resume} at step {position.step}")
     collate = choose_collate(model, vocab_size, pad_id, settings.row_tokens, settings.gradient_checkpointing, echo)
     body = _compiled_body(model, settings.compile_backend, device, echo) if settings.compile_backend else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _truncate_log(run_dir / "log.jsonl", position.step, echo)
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(run_dir / "log.jsonl", position.step, echo)
     parameters = [p for group in groups for p in group["params"]]
     return TrainingSetup(optimizer, scheduler, parameters, parameter_names, position, collate, body)
 
@@ -212,15 +226,19 @@ def _micro_batches(lengths: list[int], settings: LoopSettings, position: Positio
         epoch, batch = epoch + 1, 0
 
 
-def _next_micro_batches(stream, examples: list, collate: Callable, grad_accum: int, position: Position) -> list[Batch]:
-    """The next step's `grad_accum` micro-batches as forward calls; `position` moves past them."""
+def _next_micro_batches(stream, examples: list, collate: Callable, grad_accum: int, position: Position,
+                        ranks: Ranks | None = None) -> list[Batch]:
+    """The next step's `grad_accum` micro-batches as forward calls (this rank's share of each under torchrun);
+    `position` moves past them."""
     micro = []
     for _ in range(grad_accum):
         epoch, index, indices = next(stream)
-        micro.extend(collate([examples[i] for i in indices]))
+        mine = share(indices, ranks)
+        if mine:
+            micro.extend(collate([examples[i] for i in mine]))
         position.epoch, position.batch = epoch, index + 1
     # build_dataset drops examples without label tokens; a hand-made list may still hold a step of them
-    if sum(piece.label_tokens for piece in micro) == 0:
+    if ranks is None and sum(piece.label_tokens for piece in micro) == 0:
         raise LorafitError(f"step {position.step + 1}: the micro-batches hold no label tokens to train on")
     return micro
 
@@ -353,6 +371,16 @@ def _compiled_body(model, backend: str | Callable, device: torch.device, echo) -
     check_compile(model, backend, device)
     echo(f"torch.compile ({backend}): the first step and each new batch shape wait for the compiler")
     return torch.compile(head_and_body(model)[1], backend=backend)
+
+
+class _NoLog:
+    """The step log of a rank that does not write one."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 class _StopRequest:

@@ -23,6 +23,7 @@ from lorafit.train.batching import (
     collate_shared_prefix,
     shared_prefix_length,
 )
+from lorafit.train.distributed import Ranks, global_label_tokens, reduce_step
 from lorafit.train.forward import packing_is_exact, prefix_sharing_is_exact
 from lorafit.train.loss import summed_token_loss
 
@@ -73,7 +74,7 @@ class StepResult:
 
 def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                max_grad_norm: float, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
-               body: torch.nn.Module | None = None) -> StepResult:
+               body: torch.nn.Module | None = None, ranks: Ranks | None = None) -> StepResult:
     """One optimizer step over a step's micro-batches, given as collated forward calls (all accumulated).
 
     Each call's summed loss is divided by the label tokens of the whole step before its backward, so
@@ -82,14 +83,22 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     finite, the optimizer and the scheduler (when given) step; the gradients are cleared either way.
     What to do about a non-finite step, and checking the weights after a step (`weights_are_finite`),
     is the caller's. `body`: a torch.compile'd model body for the loss to run instead of the model's own.
+    `ranks`: under torchrun, this process's share of the step; the label tokens, the gradients and the
+    totals are summed over ranks (lorafit.train.distributed), so every rank steps as one process would.
     """
     device = next(model.parameters()).device
     pieces = [piece.to(device) for piece in micro_batches]
-    label_tokens = sum(piece.label_tokens for piece in pieces)
+    label_tokens = global_label_tokens(sum(piece.label_tokens for piece in pieces), ranks, device)
     if label_tokens == 0:
         raise ValueError("train_step: the micro-batches hold no label tokens to train on")
 
-    loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body).item()
+    loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body)
+    real_tokens = sum(piece.real_tokens for piece in pieces)
+    if ranks is None:
+        loss_sum = loss_sum.item()
+    else:
+        loss_sum, real_tokens = reduce_step(parameters, [loss_sum.item(), real_tokens], ranks)
+        real_tokens = round(real_tokens)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm).item()
     step_loss = loss_sum / label_tokens
 
@@ -99,7 +108,7 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
         if scheduler is not None:
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss, grad_norm, sum(piece.real_tokens for piece in pieces), label_tokens, applied)
+    return StepResult(step_loss, grad_norm, real_tokens, label_tokens, applied)
 
 
 def accumulate_gradients(model, pieces: list[Batch], label_tokens: int, *, body: torch.nn.Module | None = None
