@@ -114,7 +114,8 @@ class TrainSettings:
     process runs its share of every --batch-size micro-batch; the result is the one-process result. Under
     your own torchrun (several machines, SLURM) leave it out."""
     collective_timeout: int = 300
-    """Under torchrun: seconds a process waits for the others at a step before failing (a rank lost or hung)."""
+    """Under torchrun: seconds a process waits for the others at a step before failing (a rank lost or hung).
+    Rank 0 evaluates the held-out set alone while the others wait, so keep it above that evaluation's time."""
 
 
 def _with_method_options(settings: type) -> type:
