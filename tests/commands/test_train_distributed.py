@@ -71,6 +71,7 @@ def test_nproc_2_trains_as_one_process_and_only_rank_0_writes(tiny_chat_model, d
         json.loads((one_process_run / "metrics.json").read_text())["after"]["loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_train_as_one_process(tiny_chat_model, data, one_process_run, tmp_path):
     """Two torchrun launches, one process each, joined at a rendezvous on 127.0.0.1 (as two machines would)."""
     run, port = tmp_path / "run", free_port()
@@ -102,6 +103,7 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["killed", "hung"])
 def test_a_lost_rank_stops_the_others_in_bounded_time_with_a_message(tiny_chat_model, data, tmp_path, how):
     """Rank 1 SIGKILLed: rank 0's next collective fails at once (gloo sees the connection reset) and torchrun's

@@ -68,7 +68,7 @@ def one_process(tmp_path, steps: int = SETTINGS["steps"]):
     return result.losses, adapter_state(model)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_several_processes_train_as_one_process_with_the_same_global_batch(tmp_path, world):
     """fp32, gradient accumulation 2, micro-batches of 5 dealt over 2 or 3 ranks (uneven shares): the same
     loss curve and the same adapter within 1e-5, on every rank; only rank 0 wrote the run folder."""
@@ -84,6 +84,7 @@ def test_several_processes_train_as_one_process_with_the_same_global_batch(tmp_p
     assert [entry["loss"] for entry in logged] == pytest.approx(single_losses, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_loss_curve_with_another_number_of_processes(tmp_path):
     """The step's examples do not depend on how many processes share them, so a run checkpointed by 2
     processes resumes with 3 (or 1) on the same curve."""
