@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     except LorafitError as err:
         if debug:
             raise
-        print(f"lorafit {argv[0]}: error: {err}", file=sys.stderr)
+        if not getattr(err, "printed_elsewhere", False):
+            print(f"lorafit {argv[0]}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lorafit {argv[0]}: interrupted", file=sys.stderr)

@@ -153,3 +153,17 @@ def test_settings_that_do_not_apply_across_processes_are_refused_in_one_line(tin
     assert main(["train", *base, "--collective-timeout", "0"]) == 1
     assert "--collective-timeout must be >= 1 second" in error_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_start_rank_0_refuses_stops_every_rank_with_its_line_said_once(tiny_chat_model, data, tmp_path, capfd):
+    """--output naming a folder of the user's: rank 0 refuses it, the other rank stops with it, nothing is written,
+    and the refusal is printed once (then the launcher's own line)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["train", *train_args(tiny_chat_model, data, mine), "--nproc", "2"]) == 1
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 2, err[-3000:]
+    assert str(mine) in errors[0] and "torchrun exited with code 1" in errors[1]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"

@@ -153,11 +153,9 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
     resolved = {**asdict(config), "steps": steps, "lr": lr, "warmup_steps": warmup, "output": str(run_dir),
                 "resume": None, **{name: absolute(getattr(config, name)) for name in PATH_SETTINGS},
                 **({REPORT_KEY: quantized} if quantized else {})}
-    if not main:
-        pass
-    elif resume is None:
+    if main and resume is None:
         _write_run_start(run_dir, config, resolved, identity, before)
-    else:
+    elif main:
         if resolved != {**read_run_settings(run_dir, keep_report=True), "resume": None}:
             write_text(run_dir / CONFIG, _yaml(resolved))  # a longer run, or other save/eval settings
         # in progress again: a kill before the end leaves a run that resume completes

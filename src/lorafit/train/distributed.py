@@ -132,8 +132,16 @@ def from_main(compute, ranks: Ranks | None):
     _collective("the start", lambda: dist.broadcast_object_list(payload, src=0))
     kind, value = payload[0]
     if kind == "error":
-        raise LorafitError(value)
+        if ranks.is_main:
+            raise LorafitError(value)
+        raise SaidByRankZero(value)
     return value
+
+
+class SaidByRankZero(LorafitError):
+    """Rank 0's error, raised on the other ranks too so they stop; the command line prints it once (rank 0)."""
+
+    printed_elsewhere = True
 
 
 def check_under_torchrun(config, ranks: Ranks | None) -> None:

@@ -8,6 +8,8 @@ turn NaN/Inf stop the run at once, whatever `on_nonfinite` says: they are never 
 
 `train` is setup (`setup_training`), the loop, and teardown; one optimizer step is
 `lorafit.train.step.train_step`, which bench/sides.py runs too, so the benchmark measures the loop's own step.
+Under torchrun each process runs this same loop on its share of every step (lorafit.train.distributed);
+rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -157,8 +159,9 @@ def train(
                                         run.parameter_names, settings.keep_checkpoints, base_model=base_model)
                     if stopping:
                         result.interrupted = True
-                        bar.write(f"interrupted at step {position.step}: checkpoint written; "
-                                  f"continue with --resume {run_dir}")
+                        if main:
+                            bar.write(f"interrupted at step {position.step}: checkpoint written; "
+                                      f"continue with --resume {run_dir}")
                         break
     finally:  # also after an error: the caller's model must not stay in checkpointing (or training) mode
         if settings.gradient_checkpointing:
