@@ -165,3 +165,16 @@ def current_rss_mib() -> float:
 def high_water_rss_mib() -> float:
     """This address space's peak resident memory (VmHWM), which exec resets, unlike ru_maxrss."""
     return _status_mib("VmHWM")
+
+
+def lorafit(*arguments: str) -> str:
+    """Run the venv's `lorafit` command in its own process; its stdout, or an error with its stderr's end."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [str(Path(sys.executable).parent / "lorafit"), *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"lorafit {' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout

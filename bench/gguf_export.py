@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,16 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import machine_line, today  # noqa: E402
-
-LORAFIT = [str(Path(sys.executable).parent / "lorafit")]
-
-
-def lorafit(*arguments: str) -> str:
-    done = subprocess.run([*LORAFIT, *arguments], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"lorafit {' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+from common import lorafit, machine_line, today  # noqa: E402
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,16 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine_line, today  # noqa: E402
-
-LORAFIT = [str(Path(sys.executable).parent / "lorafit")]  # the venv's entry point
-
-
-def lorafit(*arguments: str) -> str:
-    done = subprocess.run([*LORAFIT, *arguments], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"lorafit {' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+from common import lorafit, machine_line, today  # noqa: E402
 
 
 def evaluate(*arguments: str) -> dict:
