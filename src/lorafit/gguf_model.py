@@ -78,6 +78,15 @@ def gguf_cache_folder(gguf_file: str | os.PathLike) -> Path:
     return model_cache_dir() / f"{path.stem}-{digest}"
 
 
+def conversion_source(folder: Path) -> Path | None:
+    """The .gguf file a cached conversion folder was made from (its marker says), if it is still there."""
+    try:
+        recorded = Path(json.loads((Path(folder) / _CACHE_MARKER).read_text(encoding="utf-8"))["gguf_file"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return recorded if recorded.is_file() else None
+
+
 def cached_conversion(gguf_file: Path) -> Path:
     """The cached float32 safetensors folder of `gguf_file`, converting it first if there is none."""
     target = gguf_cache_folder(gguf_file)

@@ -122,3 +122,17 @@ def test_a_merged_value_beyond_float16_fails_in_one_line_with_no_file_left(tiny_
     assert "beyond float16's range; use --outtype bf16 or f32" in error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert export("--adapter", adapter, "--format", "gguf", "--outtype", "bf16", "--output", tmp_path / "m.gguf") == 0
+
+
+def test_a_cached_conversion_folder_as_model_exports_against_the_gguf_it_came_from(tmp_path, capsys):
+    """--model naming the folder lorafit converted the embedded GGUF into: the adapter is checked against, and the
+    merged file carried over from, that GGUF (its metadata marker says which); a plain folder has none."""
+    from lorafit.commands.export import source_gguf
+    from lorafit.models import resolve_model_folder
+
+    folder = resolve_model_folder(None)
+    assert source_gguf(str(folder)) == default_model_path().resolve()
+    assert source_gguf(str(tmp_path)) is None
+    adapter = make_adapter(None, tmp_path / "adapter", target_modules=["q_proj"], layers=[0])
+    assert export("--adapter", adapter, "--model", folder, "--output", tmp_path / "a.gguf") == 0
+    assert f"llama-cli -m {default_model_path().resolve()} --lora" in capsys.readouterr().out

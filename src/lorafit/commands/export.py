@@ -10,7 +10,6 @@ Nothing but gguf-py is used: no llama.cpp checkout, no compiler, no subprocess (
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -67,21 +66,12 @@ def run(config: ExportConfig, echo=print, given=None) -> Path:
 def source_gguf(spec: Optional[str]) -> Optional[Path]:
     """The GGUF file the base model comes from: the embedded default's, a .gguf --model, or the one a cached
     conversion folder records (when it is still there); None for a plain transformers folder."""
-    from lorafit.gguf_model import _CACHE_MARKER, default_model_path
+    from lorafit.gguf_model import conversion_source, default_model_path
 
     if spec is None:
         return default_model_path()
     path = Path(spec)
-    if path.suffix.lower() == ".gguf":
-        return path
-    marker = path / _CACHE_MARKER
-    if marker.is_file():
-        try:
-            recorded = Path(json.loads(marker.read_text(encoding="utf-8"))["gguf_file"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return recorded if recorded.is_file() else None
-    return None
+    return path if path.suffix.lower() == ".gguf" else conversion_source(path)
 
 
 def _read_gguf(path: Path):
