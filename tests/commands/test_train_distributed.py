@@ -51,7 +51,7 @@ def adapter(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def one_process_run(tiny_chat_model, data, tmp_path_factory):
     run = tmp_path_factory.mktemp("single") / "run"
-    assert main(["train", *train_args(tiny_chat_model, data, run)]) == 0
+    assert main(["train", *train_args(tiny_chat_model, data, run, **{"eval-examples": 3})]) == 0
     return run
 
 
@@ -69,6 +69,18 @@ def test_nproc_2_trains_as_one_process_and_only_rank_0_writes(tiny_chat_model, d
     assert_same_training(run, one_process_run)
     assert json.loads((run / "metrics.json").read_text())["after"]["loss"] == pytest.approx(
         json.loads((one_process_run / "metrics.json").read_text())["after"]["loss"], abs=1e-5)
+
+
+def test_fsdp_over_2_processes_trains_as_one_process(tiny_chat_model, data, one_process_run, tmp_path, capfd):
+    """--strategy fsdp: the frozen base sharded over 2 processes gives the one-process run (losses, adapter, files);
+    the held-out evaluation, greedy generation included, runs on both in step and scores as one process."""
+    run = tmp_path / "run"
+    assert main(["train", *train_args(tiny_chat_model, data, run, **{"eval-examples": 3}),
+                 "--nproc", "2", "--strategy", "fsdp"]) == 0
+    assert_same_training(run, one_process_run)
+    assert "FSDP2: the frozen base sharded over 2 processes" in capfd.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["after"] == pytest.approx(
+        json.loads((one_process_run / "metrics.json").read_text())["after"], abs=1e-5)
 
 
 @pytest.mark.slow
@@ -150,6 +162,12 @@ def test_settings_that_do_not_apply_across_processes_are_refused_in_one_line(tin
     assert "--nproc must be >= 1, got 0" in error_line(capsys)
     assert main(["train", *base, "--nproc", "2", "--batch-size", "auto"]) == 1
     assert "--batch-size auto plans one process's memory" in error_line(capsys)
+    assert main(["train", *base, "--strategy", "fsdp"]) == 1
+    assert "--strategy fsdp shards the frozen base over several processes" in error_line(capsys)
+    assert main(["train", *base, "--strategy", "fsdp", "--nproc", "2", "--quantize", "nf4"]) == 1
+    assert "--strategy fsdp with --quantize" in error_line(capsys)
+    assert main(["train", *base, "--strategy", "fsdp", "--nproc", "2", "--method", "bitfit"]) == 1
+    assert "--strategy fsdp with BitFit" in error_line(capsys)
     assert main(["train", *base, "--collective-timeout", "0"]) == 1
     assert "--collective-timeout must be >= 1 second" in error_line(capsys)
     assert not (tmp_path / "run").exists()

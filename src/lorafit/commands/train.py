@@ -77,6 +77,7 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
     from lorafit.io import save_adapter
     from lorafit.models import load_model_and_tokenizer
     from lorafit.train.distributed import check_under_torchrun, from_main
+    from lorafit.train.fsdp import check_fsdp, shard_frozen_base
     from lorafit.train.loop import COMPILE_BACKEND, LoopSettings, check_compile, train
     from lorafit.train.plot import plot_losses
 
@@ -84,6 +85,10 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
     if not main:
         echo = _silent  # rank 0 speaks for the run
     check_under_torchrun(config, ranks)
+    sharded = config.strategy == "fsdp"
+    if sharded:  # FSDP2 (lorafit.train.fsdp): every rank then makes every forward call, evaluation included
+        check_fsdp(ranks, quantized=config.quantize is not None, compile=config.compile, method=config.method)
+        ranks = replace(ranks, sharded_base=True)
     # rank 0 checks the run folder (or reads the resumed run) and tells the others, or its error
     start = from_main(lambda: start_or_resume(config, given, echo), ranks)
     config, run_dir, resume = start.config, start.run_dir, start.checkpoint
@@ -99,7 +104,9 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
     if resume is not None:
         check_same_inputs(start.record, config, run_dir)
 
+    # under FSDP2 on GPUs the whole base is read into CPU memory; each GPU then receives its shard only
     model, tokenizer = load_model_and_tokenizer(absolute(config.model), dtype=config.dtype,
+                                                device="cpu" if sharded else None,
                                                 allow_pickle=config.allow_pickle,
                                                 trust_remote_code=config.trust_remote_code,
                                                 quantize=quantize_settings(config.quantize, config.double_quant))
@@ -135,6 +142,11 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
     torch.manual_seed(config.seed)  # adapter initialisation
     attach(model, adapter_config(config))  # checks targets and rank against the model: before any file is touched
     echo(report(model))
+    if sharded:
+        device = torch.device("cuda", ranks.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        layers = shard_frozen_base(model, ranks, device)
+        echo(f"FSDP2: the frozen base sharded over {ranks.world_size} processes ({layers} decoder layers, then the "
+             "body); the adapter and the output head are whole on each; no shared-prompt-prefix batches")
     pad_id = tokenizer.pad_token_id
 
     def held_out_metrics(with_generation: bool) -> dict:
@@ -145,7 +157,8 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
 
     # The adapter starts as the identity (B = 0, IA3 ones, BitFit zeros, PiSSA's residual + its part), so
     # this is the base model's score (measured by rank 0 alone).
-    before = (held_out_metrics(with_generation=True) if main else {}) if resume is None else start.saved_before
+    before = (held_out_metrics(with_generation=True) if main or sharded else {}) if resume is None \
+        else start.saved_before
     if before:
         echo("held-out before training: " + _format(before))
 
@@ -174,6 +187,8 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
                    resume=resume.path if resume is not None else None, base_model=identity, echo=echo,
                    ranks=ranks)
     if not main:
+        if sharded and not result.interrupted:
+            held_out_metrics(with_generation=True)  # its part of rank 0's evaluation's forward calls
         return {"rank": ranks.rank, "steps": result.steps_done}
     adapter_dir = save_adapter(model, run_dir / run_folder.ADAPTER, base_model_name_or_path=str(model.name_or_path),
                                base_model=identity)

@@ -113,6 +113,10 @@ class TrainSettings:
     """Train in N processes on this machine (torchrun --standalone --nproc-per-node N): data parallel, each
     process runs its share of every --batch-size micro-batch; the result is the one-process result. Under
     your own torchrun (several machines, SLURM) leave it out."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun / --nproc: ddp (every process holds the whole model) or fsdp (FSDP2: each holds 1/N of
+    the frozen base, all-gathered layer by layer; for a base that does not fit one device). The adapter is
+    whole on every process either way, and the result is the same."""
     collective_timeout: int = 300
     """Under torchrun: seconds a process waits for the others at a step before failing (a rank lost or hung).
     Rank 0 evaluates the held-out set alone while the others wait, so keep it above that evaluation's time."""
@@ -154,7 +158,7 @@ def method_settings() -> dict[str, tuple[str, ...]]:
 # What --resume takes from the command line; every other setting comes from the run's config.yaml.
 RESUME_MAY_CHANGE = ("steps", "epochs", "eval_every", "eval_examples", "max_new_tokens", "save_every",
                      "keep_checkpoints", "on_nonfinite", "gradient_checkpointing", "compile", "row_tokens",
-                     "nproc", "collective_timeout")
+                     "nproc", "collective_timeout", "strategy")
 # Permissions are never taken from a file: a resumed run that needed them must be given them again.
 PERMISSIONS = ("allow_pickle", "trust_remote_code")
 PATH_SETTINGS = ("model", "data", "eval_data")
@@ -232,6 +236,10 @@ def check_settings(config: TrainConfig, given: set[str]) -> None:
     if config.nproc is not None and config.nproc > 1 and config.batch_size == "auto":
         raise LorafitError("--batch-size auto plans one process's memory; with --nproc give the global --batch-size "
                            "(each process runs its share of it)")
+    if config.strategy not in ("ddp", "fsdp"):  # a library caller's value
+        raise LorafitError(f"--strategy {config.strategy!r} is unknown; use ddp or fsdp")
+    if config.strategy == "fsdp" and config.nproc is not None and config.nproc < 2:
+        raise LorafitError("--strategy fsdp shards the frozen base over several processes; --nproc must be >= 2")
     if config.collective_timeout < 1:
         raise LorafitError(f"--collective-timeout must be >= 1 second, got {config.collective_timeout}")
 

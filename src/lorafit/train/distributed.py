@@ -36,6 +36,7 @@ class Ranks:
     rank: int
     world_size: int
     local_rank: int
+    sharded_base: bool = False  # FSDP2 (lorafit.train.fsdp): every rank must make the same forward calls
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +62,7 @@ def start(device_type: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) ->
     return ranks
 
 
-def _collective(operation: str, call):
+def collective(operation: str, call):
     """Run one collective; a lost or hung rank (gloo: connection reset, timeout; nccl: a backend error) becomes
     one line saying so on every surviving rank, instead of a traceback from deep inside torch."""
     try:
@@ -83,7 +84,7 @@ def global_label_tokens(local: int, ranks: Ranks | None, device: torch.device) -
     if ranks is None:
         return local
     count = torch.tensor([local], dtype=torch.int64, device=device)
-    _collective("a step (counting label tokens)", lambda: dist.all_reduce(count))
+    collective("a step (counting label tokens)", lambda: dist.all_reduce(count))
     return int(count.item())
 
 
@@ -96,7 +97,7 @@ def reduce_step(parameters: list[torch.Tensor], totals: list[float], ranks: Rank
     device = parameters[0].device
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in parameters]
                      + [torch.tensor(totals, dtype=torch.float32, device=device)])
-    _collective("a step (summing gradients)", lambda: dist.all_reduce(flat))
+    collective("a step (summing gradients)", lambda: dist.all_reduce(flat))
     offset = 0
     for parameter in parameters:
         count = parameter.numel()
@@ -114,7 +115,7 @@ def any_rank(flag: bool, ranks: Ranks | None) -> bool:
     if ranks is None:
         return flag
     value = torch.tensor([int(flag)], dtype=torch.int64, device=_device())
-    _collective("a step (the stop check)", lambda: dist.all_reduce(value))
+    collective("a step (the stop check)", lambda: dist.all_reduce(value))
     return bool(value.item())
 
 
@@ -129,7 +130,7 @@ def from_main(compute, ranks: Ranks | None):
             payload[0] = ("value", compute())
         except LorafitError as err:
             payload[0] = ("error", str(err))
-    _collective("the start", lambda: dist.broadcast_object_list(payload, src=0))
+    collective("the start", lambda: dist.broadcast_object_list(payload, src=0))
     kind, value = payload[0]
     if kind == "error":
         if ranks.is_main:

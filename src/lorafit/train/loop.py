@@ -109,8 +109,9 @@ def train(
     writes the log, the checkpoints and the progress bar.
     """
     main = ranks is None or ranks.is_main
+    sharded = ranks is not None and ranks.sharded_base  # FSDP2: every rank runs every forward call, evaluation too
     run = setup_training(model, settings, run_dir, pad_id=pad_id, vocab_size=vocab_size, resume=resume, echo=echo,
-                         writes=main)
+                         writes=main, same_calls_everywhere=sharded)
     position, checkpoints = run.position, run_dir / "checkpoints"
     stream = _micro_batches([len(e.input_ids) for e in examples], settings, position)
     result = TrainResult(steps_done=position.step, start_step=position.step)
@@ -147,8 +148,8 @@ def train(
                 if finished and result.skipped_steps == position.step - result.start_step:
                     raise LorafitError(f"every step of this run ({result.skipped_steps}) had a non-finite loss or "
                                        "gradient, so nothing was learned and no adapter is saved; lower --lr")
-                if evaluate is not None and main and (finished or _due(settings.eval_every, position.step)):
-                    record["eval"] = _evaluate(model, evaluate, position.step, result, bar)
+                if evaluate is not None and (main or sharded) and (finished or _due(settings.eval_every, position.step)):
+                    record["eval"] = _evaluate(model, evaluate, position.step, result, bar if main else None)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
 
@@ -189,12 +190,13 @@ class TrainingSetup:
 
 def setup_training(model, settings: LoopSettings, run_dir: Path, *, pad_id: int, vocab_size: int,
                    resume: Path | None = None, echo: Callable[[str], None] = print,
-                   writes: bool = True) -> TrainingSetup:
+                   writes: bool = True, same_calls_everywhere: bool = False) -> TrainingSetup:
     """Seeds, optimizer and schedule, the resumed state, the batch layout, the compiled body, the log.
 
     Resume restores the optimizer, the schedule and the random state over what is built here, and the
     step log is cut back to the checkpoint's step (the steps after it will be redone; `writes`: this
-    process writes the run folder, rank 0 under torchrun).
+    process writes the run folder, rank 0 under torchrun). `same_calls_everywhere` (FSDP2): no layout whose
+    number of forward calls depends on a rank's share (the shared prefix).
     """
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)
@@ -207,7 +209,8 @@ def setup_training(model, settings: LoopSettings, run_dir: Path, *, pad_id: int,
     if resume is not None:
         position = restore_checkpoint(read_checkpoint(resume), model, optimizer, scheduler, parameter_names)
         echo(f"resumed from {resume} at step {position.step}")
-    collate = choose_collate(model, vocab_size, pad_id, settings.row_tokens, settings.gradient_checkpointing, echo)
+    collate = choose_collate(model, vocab_size, pad_id, settings.row_tokens, settings.gradient_checkpointing, echo,
+                             shared_prefix=not same_calls_everywhere)
     body = _compiled_body(model, settings.compile_backend, device, echo) if settings.compile_backend else None
     if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +286,8 @@ def _evaluate(model, evaluate: Callable[[], dict], step: int, result: TrainResul
     metrics = evaluate()
     model.train()
     result.evals.append({"step": step, **metrics})
-    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if bar is not None:
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
 
 

@@ -123,6 +123,8 @@ def summed_token_loss(model, batch: Batch, chunk_tokens: int = 512, body=None) -
     positions = batch.label_positions
     hidden = hidden.flatten(0, -2).index_select(0, positions.to(hidden.device))
     targets = targets.flatten().index_select(0, positions.to(targets.device))
+    if positions.numel() == 0:  # a piece without labels (FSDP's padding calls): zero, still through every layer
+        return hidden.sum().float()
     if torch.is_grad_enabled() and hidden.requires_grad and _head_is_frozen(head):
         return FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -25,20 +25,22 @@ from lorafit.train.batching import (
 )
 from lorafit.train.distributed import Ranks, global_label_tokens, reduce_step
 from lorafit.train.forward import packing_is_exact, prefix_sharing_is_exact
+from lorafit.train.fsdp import equal_calls
 from lorafit.train.loss import summed_token_loss
 
 
 def choose_collate(model, vocab_size: int, pad_id: int, row_tokens: int, gradient_checkpointing: bool,
-                   echo: Callable[[str], None] = print) -> Callable[[list], list[Batch]]:
+                   echo: Callable[[str], None] = print, shared_prefix: bool = True) -> Callable[[list], list[Batch]]:
     """The cheapest exact layout for each micro-batch, as a list of forward calls ("pieces").
 
     A prompt prefix shared by all rows computed once; else examples of at least `row_tokens` tokens
     alone and the shorter ones packed (padded when this model cannot keep packed examples apart).
     Probes the model (`packing_is_exact`, `prefix_sharing_is_exact`) once, here, and says what it chose.
+    `shared_prefix=False`: never share a prefix (FSDP2, where it would make the ranks' forward calls differ).
     """
     packed = packing_is_exact(model, vocab_size)
     # Gradient checkpointing in transformers turns the key/value cache off, which the prefix path needs.
-    shared = not gradient_checkpointing and prefix_sharing_is_exact(model, vocab_size)
+    shared = shared_prefix and not gradient_checkpointing and prefix_sharing_is_exact(model, vocab_size)
     echo(f"batches: examples of ≥ {row_tokens} tokens run alone, shorter ones "
          + ("packed (no padding, examples kept apart)" if packed else "padded to the longest")
          + (", a prompt prefix shared by all rows computed once" if shared else ""))
@@ -84,10 +86,13 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     What to do about a non-finite step, and checking the weights after a step (`weights_are_finite`),
     is the caller's. `body`: a torch.compile'd model body for the loss to run instead of the model's own.
     `ranks`: under torchrun, this process's share of the step; the label tokens, the gradients and the
-    totals are summed over ranks (lorafit.train.distributed), so every rank steps as one process would.
+    totals are summed over ranks (lorafit.train.distributed), so every rank steps as one process would;
+    with a sharded base (lorafit.train.fsdp) the ranks' pieces are first padded to the same count.
     """
     device = next(model.parameters()).device
     pieces = [piece.to(device) for piece in micro_batches]
+    if ranks is not None and ranks.sharded_base:  # FSDP2: every rank makes the same forward calls
+        pieces = equal_calls(pieces, device)
     label_tokens = global_label_tokens(sum(piece.label_tokens for piece in pieces), ranks, device)
     if label_tokens == 0:
         raise ValueError("train_step: the micro-batches hold no label tokens to train on")
