@@ -116,12 +116,13 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["killed", "hung"])
-def test_a_lost_rank_stops_the_others_in_bounded_time_with_a_message(tiny_chat_model, data, tmp_path, how):
+@pytest.mark.parametrize(("how", "strategy"), [("killed", "ddp"), ("hung", "ddp"), ("killed", "fsdp"), ("hung", "fsdp")])
+def test_a_lost_rank_stops_the_others_in_bounded_time_with_a_message(tiny_chat_model, data, tmp_path, how, strategy):
     """Rank 1 SIGKILLed: rank 0's next collective fails at once (gloo sees the connection reset) and torchrun's
     summary names rank 1. Rank 1 stopped (SIGSTOP, a hung process): rank 0 gives up after --collective-timeout."""
     run = tmp_path / "run"
-    args = train_args(tiny_chat_model, data, run, steps=100000, **{"save-every": 0, "collective-timeout": 10})
+    args = train_args(tiny_chat_model, data, run, steps=100000, strategy=strategy,
+                      **{"save-every": 0, "collective-timeout": 10})
     launcher = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "lorafit.cli", "train",
                                  *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -144,7 +145,7 @@ def test_a_lost_rank_stops_the_others_in_bounded_time_with_a_message(tiny_chat_m
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.kill(workers[1], signal.SIGKILL)
     assert launcher.returncode != 0
-    assert "lorafit train: error: rank 0: the other training processes stopped answering during a step" in output
+    assert "lorafit train: error: rank 0: the other training processes stopped answering during a step" in output, output[-6000:]
     if how == "killed":
         assert took < 30, took
         assert "rank      : 1 (local_rank: 1)" in output and "SIGKILL" in output, output[-3000:]

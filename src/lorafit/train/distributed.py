@@ -16,6 +16,7 @@ buckets during backward; it is not used because lorafit's loss runs the model's 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -68,10 +69,26 @@ def collective(operation: str, call):
     try:
         return call()
     except RuntimeError as err:  # DistBackendError and gloo's errors are RuntimeErrors
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LorafitError(f"rank {dist.get_rank()}: the other training processes stopped answering during {operation} "
-                           f"({text[:200]}); torchrun's summary names the rank that failed (a collective waits at "
-                           "most --collective-timeout seconds)") from err
+        raise _lost_ranks(operation, err) from err
+
+
+@contextlib.contextmanager
+def collectives_inside(operation: str):
+    """Like `collective`, for code that makes collectives among other work (FSDP2's all-gathers in forward and
+    backward): only errors of the backend itself are turned into the line; any other error stays as it is."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, dist.DistError) or any(mark in str(err) for mark in ("gloo/transport", "NCCL", "Timed out")):
+            raise _lost_ranks(operation, err) from err
+        raise
+
+
+def _lost_ranks(operation: str, err: RuntimeError) -> LorafitError:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LorafitError(f"rank {dist.get_rank()}: the other training processes stopped answering during {operation} "
+                        f"({text[:200]}); torchrun's summary names the rank that failed (a collective waits at "
+                        "most --collective-timeout seconds)")
 
 
 def share(indices: list[int], ranks: Ranks | None) -> list[int]:

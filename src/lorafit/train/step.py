@@ -23,7 +23,7 @@ from lorafit.train.batching import (
     collate_shared_prefix,
     shared_prefix_length,
 )
-from lorafit.train.distributed import Ranks, global_label_tokens, reduce_step
+from lorafit.train.distributed import Ranks, collectives_inside, global_label_tokens, reduce_step
 from lorafit.train.forward import packing_is_exact, prefix_sharing_is_exact
 from lorafit.train.fsdp import equal_calls
 from lorafit.train.loss import summed_token_loss
@@ -97,7 +97,11 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     if label_tokens == 0:
         raise ValueError("train_step: the micro-batches hold no label tokens to train on")
 
-    loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body)
+    if ranks is not None and ranks.sharded_base:  # FSDP2 all-gathers each layer's weights in forward and backward
+        with collectives_inside("a step (FSDP's all-gathers)"):
+            loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body)
+    else:
+        loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body)
     real_tokens = sum(piece.real_tokens for piece in pieces)
     if ranks is None:
         loss_sum = loss_sum.item()
