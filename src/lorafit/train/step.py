@@ -23,7 +23,12 @@ from lorafit.train.batching import (
     collate_shared_prefix,
     shared_prefix_length,
 )
-from lorafit.train.distributed import Ranks, collectives_inside, global_label_tokens, reduce_step
+from lorafit.train.distributed import (
+    Ranks,
+    collectives_inside,
+    global_label_tokens,
+    reduce_step,
+)
 from lorafit.train.forward import packing_is_exact, prefix_sharing_is_exact
 from lorafit.train.fsdp import equal_calls
 from lorafit.train.loss import summed_token_loss
