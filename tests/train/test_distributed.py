@@ -56,7 +56,10 @@ def _worker(rank: int, world: int, port: int, run_dir: str, out_dir: str, resume
             assert shard_frozen_base(model, ranks, torch.device("cpu")) == 2
             frozen = [p for p in model.parameters() if not p.requires_grad]
             # every frozen weight but the (tied) embedding is a shard: 1/W of its rows here
-            assert sum(type(p).__name__ == "DTensor" for p in frozen) == len(frozen) - 1
+            shards = [p for p in frozen if type(p).__name__ == "DTensor"]
+            assert len(shards) == len(frozen) - 1
+            for shard in shards:  # dim-0 shards: at most ⌈rows / W⌉ rows of each weight held here
+                assert shard.to_local().shape[0] <= -(-shard.shape[0] // world) < shard.shape[0]
         result = train(model, random_examples(40, seed=7), settings_for(steps, variant),
                        __import__("pathlib").Path(run_dir), pad_id=0, vocab_size=64, echo=lambda _: None,
                        ranks=ranks, resume=None if resume is None else __import__("pathlib").Path(resume))

@@ -119,7 +119,8 @@ class TrainSettings:
     whole on every process either way, and the result is the same."""
     collective_timeout: int = 300
     """Under torchrun: seconds a process waits for the others at a step before failing (a rank lost or hung).
-    Rank 0 evaluates the held-out set alone while the others wait, so keep it above that evaluation's time."""
+    Under ddp rank 0 evaluates the held-out set alone while the others wait, so keep it above that evaluation's
+    time."""
 
 
 def _with_method_options(settings: type) -> type:
