@@ -186,3 +186,16 @@ def test_a_start_rank_0_refuses_stops_every_rank_with_its_line_said_once(tiny_ch
     assert len(errors) == 2, err[-3000:]
     assert str(mine) in errors[0] and "torchrun exited with code 1" in errors[1]
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_the_embedded_default_converts_into_an_empty_cache_under_nproc_2(tmp_path, monkeypatch):
+    """The default model's first use under torchrun: every process converts its GGUF before joining the others
+    (after, transformers' save_pretrained writes on rank 0 only and the other processes found an empty folder)."""
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", "--nproc", "2", "--steps", "1", "--batch-size", "2", "--eval-examples", "0",
+                 "--output", str(run)]) == 0
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    converted = [p for p in (tmp_path / "cache" / "models").iterdir()]
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()  # no partial folder left

@@ -59,6 +59,8 @@ def run(config: TrainConfig, echo=print, given: Optional[set[str]] = None) -> di
     check_settings(config, given)
     if config.nproc is not None and config.nproc > 1 and not distributed.launched_by_torchrun():
         return _launch_torchrun(config, given, echo)
+    if distributed.launched_by_torchrun():
+        _convert_before_joining(config)
     ranks = distributed.start("cuda" if torch.cuda.is_available() else "cpu", config.collective_timeout)
     try:
         return _run(config, given, echo, ranks)
@@ -214,6 +216,28 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
          f"({metrics['tokens_per_second'] or 0:.0f} tokens/s); adapter saved to {adapter_dir}")
     echo(f"loss curve: {run_dir / 'loss.png'}; step log: {run_dir / 'log.jsonl'}")
     return metrics
+
+
+def _convert_before_joining(config: TrainConfig) -> None:
+    """Under torchrun, convert a .gguf base (the embedded default) into the cache before joining the others.
+
+    Once the process group exists, transformers' save_pretrained writes on global rank 0 only, so a conversion
+    made then leaves an empty folder on every other process (and on every other machine). Each process
+    converts on its own instead (the first one to finish puts its folder in place; the cache is shared safely).
+    The errors are left to the start proper, which reports them in one line on rank 0.
+    """
+    from lorafit.models import resolve_model_folder
+
+    spec = config.model
+    if spec is None and config.resume:
+        try:
+            spec = read_run_settings(Path(config.resume)).get("model")
+        except (LorafitError, OSError, AttributeError):
+            return
+    try:
+        resolve_model_folder(absolute(spec))
+    except LorafitError:
+        return
 
 
 def _silent(*_args, **_kwargs) -> None:
