@@ -6,7 +6,10 @@ loading the whole base, before FSDP2 shards it) and over the training steps alon
 step log on). On 2 CPU cores each process gets one thread; the step times are gloo's on loopback, not a GPU
 cluster's. Writes bench/RESULTS-distributed.md.
 
-    python bench/distributed_memory.py [--steps 8] [--dtype float32]
+    python bench/distributed_memory.py [--steps 8] [--dtype float32] [--no-gradient-checkpointing]
+
+With checkpointing (the default here) both strategies run the same batch layout; without it ddp shares the
+built-in task's prompt prefix, which fsdp never does, and the activations then differ too.
 """
 
 from __future__ import annotations
@@ -43,41 +46,43 @@ def rank_processes(tag: str) -> dict[int, int]:
     return found
 
 
-def resident_mib(pid: int) -> float | None:
+def resident_mib(pid: int) -> dict | None:
+    """{"anon": the process's own memory, "file": pages of mapped files (the weights safetensors maps; shared
+    between processes and counted in each one's VmRSS)} in MiB."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return None
-    return None
+    values = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in lines if line.startswith(("RssAnon", "RssFile"))}
+    return {"anon": values["RssAnon"], "file": values["RssFile"]} if len(values) == 2 else None
 
 
 def run(strategy: str, args, folder: Path) -> dict:
     output = folder / strategy
     command = [sys.executable, "-m", "lorafit.cli", "train", "--nproc", "2", "--strategy", strategy,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
-               "--eval-examples", "0", "--output", str(output)]
+               "--eval-examples", "0", "--dropout", str(args.dropout), "--output", str(output)]
+    command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     env = {**os.environ, TAG: strategy, "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    whole, training = {}, {}
+    whole, training = {}, {}  # (rank, kind) -> the largest MiB seen
     while launcher.poll() is None:
         stepping = (output / "log.jsonl").is_file() and (output / "log.jsonl").stat().st_size > 0
         for rank, pid in rank_processes(strategy).items():
-            value = resident_mib(pid)
-            if value is not None:
-                whole[rank] = max(whole.get(rank, 0.0), value)
+            for kind, value in (resident_mib(pid) or {}).items():
+                whole[rank, kind] = max(whole.get((rank, kind), 0.0), value)
                 if stepping:
-                    training[rank] = max(training.get(rank, 0.0), value)
+                    training[rank, kind] = max(training.get((rank, kind), 0.0), value)
         time.sleep(0.2)
     text = launcher.stdout.read()
     if launcher.returncode != 0:
         raise SystemExit(f"{strategy}: lorafit train failed:\n{text[-3000:]}")
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     return {"strategy": strategy, "seconds": time.monotonic() - started,
-            "peak_mib": [round(whole[r], 1) for r in sorted(whole)],
-            "training_mib": [round(training[r], 1) for r in sorted(training)],
+            "peak_anon_mib": [round(whole[r, "anon"]) for r in (0, 1)],
+            "training_anon_mib": [round(training[r, "anon"]) for r in (0, 1)],
+            "training_file_mib": [round(training[r, "file"]) for r in (0, 1)],
             "step_seconds": statistics.median(entry["seconds"] for entry in log[1:] or log),
             "losses": [entry["loss"] for entry in log]}
 
@@ -87,6 +92,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dropout", type=float, default=0.0)  # dropout masks follow the layout: curves differ
+    # on: both strategies run the same batch layout (ddp shares the task's prompt prefix otherwise; fsdp never)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         results = [run(strategy, args, Path(folder)) for strategy in ("ddp", "fsdp")]
@@ -95,12 +103,19 @@ def main() -> None:
     lines = [f"# `lorafit train --nproc 2`: ddp vs fsdp ({today()})", "",
              f"Machine: {machine_line()} (each process: 1 thread)", "",
              f"Command: `python bench/distributed_memory.py --steps {args.steps} --batch-size {args.batch_size} "
-             f"--dtype {args.dtype}` (the embedded SmolLM2-135M-Instruct, the built-in task, LoRA r=8 on q,v)", "",
-             "| strategy | resident MiB per process, whole run (rank 0, 1) | during the steps | median step s | "
-             "run s |", "|---|---|---|---|---|"]
+             f"--dtype {args.dtype} --dropout {args.dropout}"
+             + (" --gradient-checkpointing" if args.gradient_checkpointing else " --no-gradient-checkpointing")
+             + "` (the embedded SmolLM2-135M-Instruct, the built-in "
+             "task, LoRA r=8 on q,v)", "",
+             "Per process (rank 0, rank 1), the largest seen: its own memory (RssAnon) over the whole run and during "
+             "the steps, and the mapped weight-file pages (RssFile: page cache shared by the processes, in each "
+             "one's VmRSS).", "",
+             "| strategy | own MiB, whole run | own MiB, steps | mapped file MiB, steps | median step s | run s |",
+             "|---|---|---|---|---|---|"]
     for result in results:
-        lines.append(f"| {result['strategy']} | {', '.join(map(str, result['peak_mib']))} | "
-                     f"{', '.join(map(str, result['training_mib']))} | {result['step_seconds']:.3f} | "
+        cells = [", ".join(map(str, result[key])) for key in ("peak_anon_mib", "training_anon_mib",
+                                                               "training_file_mib")]
+        lines.append(f"| {result['strategy']} | {' | '.join(cells)} | {result['step_seconds']:.3f} | "
                      f"{result['seconds']:.0f} |")
     lines += ["", f"Loss curves: largest difference between ddp and fsdp over {len(ddp['losses'])} steps: "
               f"{largest:.2e}.", ""]

@@ -67,7 +67,34 @@ def shard_frozen_base(model, ranks: Ranks, device: torch.device) -> int:
         fully_shard(layer, mesh=mesh, ignored_params=kept_whole & set(layer.parameters()))
     fully_shard(body, mesh=mesh, ignored_params=kept_whole & set(body.parameters()))
     model.to(device)  # the ignored tensors and the head; the sharded ones are already there
+    if device.type == "cpu":
+        _free_large_blocks_at_once()
     return len(layers)
+
+
+# glibc's M_MMAP_THRESHOLD (mallopt parameter -3): blocks at least this large get their own mapping, returned to
+# the system when freed.
+_M_MMAP_THRESHOLD = -3
+_MMAP_FROM_BYTES = 1 << 20
+
+
+def _free_large_blocks_at_once() -> None:
+    """On CPU, give memory back to the system as soon as a gathered layer is freed.
+
+    FSDP2 allocates and frees each layer's gathered weights at every forward and backward. glibc raises its
+    threshold for giving a block its own mapping each time such a block is freed (up to 32 MiB), so the
+    later ones come from the heap, which it rarely shrinks: measured on the default model in fp32 over
+    2 processes, 315 MiB of live tensors held 1.0-1.4 GB of resident memory after three steps, 0.54 GB
+    with the threshold fixed at 1 MiB (the same 315 MiB live). Not glibc (another libc): nothing to do.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def padding_piece(device: torch.device) -> Batch:
