@@ -83,9 +83,9 @@ def _free_large_blocks_at_once() -> None:
 
     FSDP2 allocates and frees each layer's gathered weights at every forward and backward. glibc raises its
     threshold for giving a block its own mapping each time such a block is freed (up to 32 MiB), so the
-    later ones come from the heap, which it rarely shrinks: measured on the default model in fp32 over
-    2 processes, 315 MiB of live tensors held 1.0-1.4 GB of resident memory after three steps, 0.54 GB
-    with the threshold fixed at 1 MiB (the same 315 MiB live). Not glibc (another libc): nothing to do.
+    later ones come from the heap, which it rarely shrinks. Measured by bench/distributed_memory.py (the
+    default model in fp32, 2 processes): 1.3-1.5 GB of a process's own memory during the steps, 0.7 GB with
+    the threshold fixed at 1 MiB, for 25% more step time (page faults). Another libc: nothing to do.
     """
     import ctypes
     import ctypes.util
