@@ -79,7 +79,7 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
     from lorafit.io import save_adapter
     from lorafit.models import load_model_and_tokenizer
     from lorafit.train.distributed import check_under_torchrun, from_main
-    from lorafit.train.fsdp import check_fsdp, shard_frozen_base
+    from lorafit.train.fsdp import check_processes, shard_frozen_base
     from lorafit.train.loop import COMPILE_BACKEND, LoopSettings, check_compile, train
     from lorafit.train.plot import plot_losses
 
@@ -89,7 +89,7 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
     check_under_torchrun(config, ranks)
     sharded = config.strategy == "fsdp"
     if sharded:  # FSDP2 (lorafit.train.fsdp): every rank then makes every forward call, evaluation included
-        check_fsdp(ranks, quantized=config.quantize is not None, compile=config.compile, method=config.method)
+        check_processes(ranks)
         ranks = replace(ranks, sharded_base=True)
     # rank 0 checks the run folder (or reads the resumed run) and tells the others, or its error
     start = from_main(lambda: start_or_resume(config, given, echo), ranks)

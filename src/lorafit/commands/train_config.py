@@ -241,6 +241,11 @@ def check_settings(config: TrainConfig, given: set[str]) -> None:
         raise LorafitError(f"--strategy {config.strategy!r} is unknown; use ddp or fsdp")
     if config.strategy == "fsdp" and config.nproc is not None and config.nproc < 2:
         raise LorafitError("--strategy fsdp shards the frozen base over several processes; --nproc must be >= 2")
+    if config.strategy == "fsdp":
+        from lorafit.train.fsdp import check_fsdp_settings
+
+        check_fsdp_settings(quantized=config.quantize not in (None, "none"), compile=config.compile,
+                            method=config.method)
     if config.collective_timeout < 1:
         raise LorafitError(f"--collective-timeout must be >= 1 second, got {config.collective_timeout}")
 

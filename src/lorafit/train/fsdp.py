@@ -29,11 +29,8 @@ from lorafit.train.batching import Batch
 from lorafit.train.distributed import Ranks, collective
 
 
-def check_fsdp(ranks: Ranks | None, *, quantized: bool, compile: bool, method: str) -> None:
-    """Refuse, in one line, what FSDP2 cannot shard here (before anything is loaded or written)."""
-    if ranks is None:
-        raise LorafitError("--strategy fsdp shards the frozen base over several processes; start them with "
-                           "--nproc N or torchrun (one process has nothing to shard over)")
+def check_fsdp_settings(*, quantized: bool, compile: bool, method: str) -> None:
+    """Refuse, in one line, the settings FSDP2 cannot shard here (checked before any process is started)."""
     if quantized:
         raise LorafitError("--strategy fsdp with --quantize: FSDP2 does not shard bitsandbytes' 4/8-bit weights; "
                            "use --strategy ddp (each process holds the quantized base) or a bf16 base with fsdp")
@@ -42,6 +39,13 @@ def check_fsdp(ranks: Ranks | None, *, quantized: bool, compile: bool, method: s
     if method == "bitfit":
         raise LorafitError("--strategy fsdp with BitFit: its saved file holds each trained bias added to the base's, "
                            "which FSDP shards; use --strategy ddp")
+
+
+def check_processes(ranks: Ranks | None) -> None:
+    """FSDP2 needs several processes to shard over."""
+    if ranks is None:
+        raise LorafitError("--strategy fsdp shards the frozen base over several processes; start them with "
+                           "--nproc N or torchrun (one process has nothing to shard over)")
 
 
 def shard_frozen_base(model, ranks: Ranks, device: torch.device) -> int:
