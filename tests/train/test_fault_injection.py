@@ -73,7 +73,11 @@ def _args(model, data, output):
 
 
 def _complete(setup, run) -> int:
-    """Finish an interrupted run as a user would; returns how many commands it took."""
+    """Finish an interrupted run as a user would; returns how many commands it took (0: the kill came after the
+    run's last write, while the process was exiting, and the run is complete as it stands)."""
+    metrics = run / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text()).get("after") is not None:
+        return 0
     for attempt in range(1, 6):
         if list_checkpoints(run / "checkpoints"):
             code = main(["train", "--resume", str(run)])

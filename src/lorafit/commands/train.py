@@ -158,7 +158,7 @@ def _run(config: TrainConfig, given: set[str], echo, ranks) -> dict:
         return metrics
 
     # The adapter starts as the identity (B = 0, IA3 ones, BitFit zeros, PiSSA's residual + its part), so
-    # this is the base model's score (measured by rank 0 alone).
+    # this is the base model's score (measured by rank 0 alone; under fsdp every rank takes part in it).
     before = (held_out_metrics(with_generation=True) if main or sharded else {}) if resume is None \
         else start.saved_before
     if before:

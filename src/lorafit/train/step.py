@@ -96,16 +96,15 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     """
     device = next(model.parameters()).device
     pieces = [piece.to(device) for piece in micro_batches]
-    if ranks is not None and ranks.sharded_base:  # FSDP2: every rank makes the same forward calls
+    sharded = ranks is not None and ranks.sharded_base
+    if sharded:  # FSDP2: every rank makes the same forward calls
         pieces = equal_calls(pieces, device)
     label_tokens = global_label_tokens(sum(piece.label_tokens for piece in pieces), ranks, device)
     if label_tokens == 0:
         raise ValueError("train_step: the micro-batches hold no label tokens to train on")
 
-    if ranks is not None and ranks.sharded_base:  # FSDP2 all-gathers each layer's weights in forward and backward
-        with collectives_inside("a step (FSDP's all-gathers)"):
-            loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body)
-    else:
+    # FSDP2 all-gathers each layer's weights in forward and backward: a lost rank fails there
+    with collectives_inside("a step (FSDP's all-gathers)") if sharded else contextlib.nullcontext():
         loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body)
     real_tokens = sum(piece.real_tokens for piece in pieces)
     if ranks is None:
