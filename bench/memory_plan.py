@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -156,15 +157,19 @@ def _subprocess(mode: str, setting: tuple) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare(settings: list[tuple]) -> list[dict]:
-    """Each setting measured in a process of its own, and estimated in another (as `lorafit estimate` runs)."""
+def compare(settings: list[tuple], repeats: int = 3) -> list[dict]:
+    """Each setting measured `repeats` times, each in a process of its own, and estimated in another (as
+    `lorafit estimate` runs). The measured figure is the median: identical runs' peak RSS differs by a few
+    percent (glibc's heap; up to ±9% with NF4 and checkpointing), and one run is one draw of that."""
     rows = []
     for setting in settings:
-        measured = _subprocess("--measure", setting)
+        runs = [_subprocess("--measure", setting) for _ in range(repeats)]
+        peaks = sorted(run["peak"] for run in runs)
+        measured = statistics.median(peaks)
         planned = _subprocess("--estimate", setting)
-        rows.append({"setting": list(setting), "measured": measured["peak"], **planned,
-                     "error": planned["estimated"] / measured["peak"] - 1, "loaded": measured["loaded"],
-                     "seconds_per_step": measured["seconds_per_step"]})
+        rows.append({"setting": list(setting), "measured": measured, "measured_runs": peaks, **planned,
+                     "error": planned["estimated"] / measured - 1, "loaded": statistics.median(r["loaded"] for r in runs),
+                     "seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs)})
         print(_row(rows[-1]), flush=True)
     return rows
 
@@ -174,13 +179,16 @@ def _row(row: dict) -> str:
     rank = f" r={r}" if method in ("lora", "dora") else ""
     what = f"{batch} × {length}, {dtype}{', ' + quantize if quantize != 'none' else ''}" \
            f"{', checkpointing' if checkpointing else ''}, {method} on {targets}{rank}"
-    return (f"| {what} | {row['estimated'] / MiB:,.0f} | {row['measured'] / MiB:,.0f} | {row['error']:+.1%} | "
+    runs = row.get("measured_runs") or [row["measured"]]
+    spread = f"{runs[0] / MiB:,.0f}–{runs[-1] / MiB:,.0f}" if len(runs) > 1 else "–"
+    return (f"| {what} | {row['estimated'] / MiB:,.0f} | {row['measured'] / MiB:,.0f} | {spread} | {row['error']:+.1%} | "
             f"{row['tensor_peak'] / MiB:,.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="measured processes per setting (median)")
     parser.add_argument("--measure", nargs=8)
     parser.add_argument("--estimate", nargs=8)
     args = parser.parse_args()
@@ -193,15 +201,17 @@ def main() -> None:
     settings = SETTINGS[:3] if args.quick else SETTINGS
     machine = f"{platform.processor() or platform.machine()}, {platform.platform()}"
     command = "python bench/memory_plan.py" + (" --quick" if args.quick else "")
-    rows = compare(settings)
+    rows = compare(settings, args.repeats)
     name = "RESULTS-memory-plan-quick" if args.quick else "RESULTS-memory-plan"
     lines = [f"# The memory planner vs lorafit's measured step ({time.strftime('%Y-%m-%d')})", "",
              f"`{command}` on {machine}. Measured: peak RSS over three steps of lorafit's step on the default model "
-             "(SmolLM2-135M), above the process before loading; estimated: `lorafit estimate`'s total for the same "
+             f"(SmolLM2-135M), above the process before loading, the median of {args.repeats} processes (their range "
+             "beside it); estimated: `lorafit estimate`'s total for the same "
              "setting (in a fresh process, as the command runs), less the part of its measured runtime that the measured "
              "process already held before loading (Python, torch, transformers). Half of each example is prompt (no "
              "labels).", "",
-             "| setting | estimated MiB | measured MiB | error | tensors at the step's peak MiB |", "|---|---|---|---|---|"]
+             "| setting | estimated MiB | measured MiB (median) | measured runs MiB | error | tensors at the step's peak MiB |",
+             "|---|---|---|---|---|---|"]
     lines += [_row(row) for row in rows]
     (HERE / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (HERE / f"{name}.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorafit.heap import release_freed_memory
 from lorafit.quantize import (
     QuantizeSettings,
     bitsandbytes_config,
@@ -127,27 +128,6 @@ def load_tensor_by_tensor(folder: Path, config, settings: QuantizeSettings | Non
         keep_weights_as_trained(model)
     release_freed_memory()
     return model.eval()
-
-
-def release_freed_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
-
-    Reading and converting one tensor at a time frees as much as it keeps, and glibc keeps the freed blocks
-    resident — for a 4-bit load, in the arenas of bitsandbytes' worker threads, a different amount each
-    run (measured on the default model: 181 to 474 MiB resident after identical NF4 loads; 171-175 MiB
-    after trimming). Trimming once after the load makes the process hold what the model holds.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        trim = None
-    if trim is not None:
-        trim(0)
 
 
 def _describe_as_loaded(model: nn.Module, folder: Path, settings: QuantizeSettings | None, dtype: torch.dtype) -> None:

@@ -194,8 +194,8 @@ def test_estimate_table_and_bad_flags(tmp_path):
     assert too_long.returncode == 1 and "above this model's maximum of 512" in too_long.stderr
 
 
-# Six of the bench's settings on the default model (memory_plan.VALIDATION), each measured in its own process
-# and planned in another: the issue's bar is ±10%.
+# Six of the bench's settings on the default model (memory_plan.VALIDATION), each measured in three processes of
+# its own (the median) and planned in another: the issue's bar is ±10%.
 @pytest.mark.slow
 def test_estimates_follow_the_measured_peak_on_the_default_model():
     pytest.importorskip("bitsandbytes")
@@ -205,7 +205,8 @@ def test_estimates_follow_the_measured_peak_on_the_default_model():
     rows = memory_plan.compare(memory_plan.VALIDATION)
     errors = {tuple(row["setting"]): round(row["error"], 3) for row in rows}
     # The issue's bar is ±10%; on this CPU the measured peak RSS itself varies between identical runs (glibc's
-    # heap): checkpointing gave -6.3%, -8.3% and -15.6%, NF4 -8.8% to -18.1% (issue 16's note). So the test holds
-    # the planner to the spread seen so far — ±20% for a float base, ±30% for NF4 — and the ±10% goal stays open.
+    # heap: up to ±9% with NF4 and checkpointing), hence the median. The planner's C-allocator allowance misses
+    # NF4 by -15% and checkpointing by up to -19% in medians of three (issue 16's note), so the test holds it to
+    # ±20% for a float base and ±30% for NF4, and the ±10% goal stays open.
     bars = {setting: 0.30 if setting[3] != "none" else 0.20 for setting in errors}
     assert all(abs(errors[s]) <= bars[s] for s in errors), json.dumps({str(k): v for k, v in errors.items()})

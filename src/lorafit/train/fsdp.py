@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from lorafit.data import IGNORE_INDEX
 from lorafit.errors import LorafitError
+from lorafit.heap import free_large_blocks_at_once
 from lorafit.train.batching import Batch
 from lorafit.train.distributed import Ranks, collective
 
@@ -72,33 +73,8 @@ def shard_frozen_base(model, ranks: Ranks, device: torch.device) -> int:
     fully_shard(body, mesh=mesh, ignored_params=kept_whole & set(body.parameters()))
     model.to(device)  # the ignored tensors and the head; the sharded ones are already there
     if device.type == "cpu":
-        _free_large_blocks_at_once()
+        free_large_blocks_at_once()  # measured: 1.3-1.5 GB -> 0.7 GB per process, +25% step time
     return len(layers)
-
-
-# glibc's M_MMAP_THRESHOLD (mallopt parameter -3): blocks at least this large get their own mapping, returned to
-# the system when freed.
-_M_MMAP_THRESHOLD = -3
-_MMAP_FROM_BYTES = 1 << 20
-
-
-def _free_large_blocks_at_once() -> None:
-    """On CPU, give memory back to the system as soon as a gathered layer is freed.
-
-    FSDP2 allocates and frees each layer's gathered weights at every forward and backward. glibc raises its
-    threshold for giving a block its own mapping each time such a block is freed (up to 32 MiB), so the
-    later ones come from the heap, which it rarely shrinks. Measured by bench/distributed_memory.py (the
-    default model in fp32, 2 processes): 1.3-1.5 GB of a process's own memory during the steps, 0.7 GB with
-    the threshold fixed at 1 MiB, for 25% more step time (page faults). Another libc: nothing to do.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM_BYTES)
-    except (OSError, AttributeError):
-        pass
 
 
 def padding_piece(device: torch.device) -> Batch:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from lorafit.adapters import wrappers
 from lorafit.errors import LorafitError
 from lorafit.files import atomic_path
+from lorafit.heap import release_freed_memory
 from lorafit.train.attention import use_fp32_attention
 from lorafit.train.batching import Batch, plan_batches
 from lorafit.train.checkpoint import (
@@ -216,6 +217,7 @@ def setup_training(model, settings: LoopSettings, run_dir: Path, *, pad_id: int,
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_log(run_dir / "log.jsonl", position.step, echo)
     parameters = [p for group in groups for p in group["params"]]
+    release_freed_memory()  # what the load, the evaluation before training and the layout probes freed
     return TrainingSetup(optimizer, scheduler, parameters, parameter_names, position, collate, body)
 
 
@@ -285,6 +287,7 @@ def _evaluate(model, evaluate: Callable[[], dict], step: int, result: TrainResul
     model.eval()
     metrics = evaluate()
     model.train()
+    release_freed_memory()  # generation's freed blocks would otherwise stay resident through training
     result.evals.append({"step": step, **metrics})
     if bar is not None:
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
