@@ -8,6 +8,9 @@ process held before loading (Python, torch, transformers) is the comparable figu
 
     python bench/memory_plan.py                 # all settings -> bench/RESULTS-memory-plan.md / .json
     python bench/memory_plan.py --quick         # the first three
+    python bench/memory_plan.py --validation    # the CI test's six -> bench/RESULTS-memory-plan-validation.md
+    python bench/memory_plan.py --replan        # the stored measurements of RESULTS-memory-plan.json, planned
+                                                # again by the current planner (after its allowances change)
     python bench/memory_plan.py --measure B L DTYPE QUANTIZE CHECKPOINTING METHOD TARGETS R   # one measurement (JSON)
     python bench/memory_plan.py --estimate B L DTYPE QUANTIZE CHECKPOINTING METHOD TARGETS R  # one plan (JSON)
 """
@@ -41,6 +44,10 @@ SETTINGS = [
     (4, 512, "bfloat16", "none", False, "lora", "all-linear", 8),
     (1, 1024, "float32", "none", False, "lora", "q_proj,v_proj", 8),
     (8, 256, "bfloat16", "nf4", True, "lora", "q_proj,k_proj,v_proj,o_proj", 8),
+    (2, 512, "bfloat16", "none", True, "lora", "q_proj,v_proj", 8),
+    (8, 128, "float32", "none", True, "lora", "all-linear", 8),
+    (4, 256, "bfloat16", "nf4", False, "lora", "all-linear", 8),
+    (2, 512, "bfloat16", "nf4", False, "lora", "q_proj,v_proj", 16),
 ]
 
 # The CI test (tests/planner): batch, length, method, r/targets, checkpointing and nf4 each varied; the CPU
@@ -118,35 +125,36 @@ def measure(batch: int, length: int, dtype: str, quantize: str, checkpointing: b
             "seconds_per_step": (time.perf_counter() - started) / 3}
 
 
-def planner_for(setting: tuple, runtime: tuple[int, str]):
-    """The Planner `lorafit estimate` builds for this setting on the default model."""
+def planner_for(setting: tuple):
+    """The Planner `lorafit estimate` builds for this setting on the default model, and its measured runtime."""
     import torch
 
     from lorafit.models import load_config, resolve_model_folder
     from lorafit.planner.plan import Planner, Setup
-    from lorafit.planner.runtime import layout_of
+    from lorafit.planner.runtime import measure_runtime
     from lorafit.quantize import QuantizeSettings
 
     batch, length, dtype, quantize, checkpointing, method, targets, r = setting
-    config = load_config(resolve_model_folder(None))
+    folder = resolve_model_folder(None)
+    config = load_config(folder)
+    runtime = measure_runtime("cpu", folder, quantized=quantize != "none", config=config)
     torch_dtype = getattr(torch, dtype)
     quantized = QuantizeSettings(quantize, compute_dtype=torch_dtype) if quantize != "none" else None
     setup = Setup(adapter(method, targets, r), torch_dtype, quantized, checkpointing, 128, "cpu")
-    return Planner(config, setup, runtime=runtime, layout=layout_of(config))
+    return Planner(config, setup, runtime=(runtime.total, runtime.note), layout=runtime.layout), runtime
 
 
 def estimate(setting: tuple) -> dict:
     """What `lorafit estimate` plans for this setting, in this (fresh) process: its total, less the part of the
     runtime the measured run's baseline already holds (Python, torch, transformers)."""
-    from lorafit.models import resolve_model_folder
     from lorafit.planner.plan import Workload
-    from lorafit.planner.runtime import measure_runtime
 
-    runtime = measure_runtime("cpu", resolve_model_folder(None), quantized=setting[3] != "none")
     batch, length = setting[0], setting[1]
-    plan = planner_for(setting, (runtime.total, runtime.note)).plan(Workload(batch, length, prompt_length=length // 2))
+    planner, runtime = planner_for(setting)
+    plan = planner.plan(Workload(batch, length, prompt_length=length // 2))
     return {"estimated": plan.total - runtime.process, "tensor_peak": plan.step.peak, "weights": plan.weight_bytes,
-            "tokenizer": runtime.tokenizer, "bitsandbytes": runtime.bitsandbytes}
+            "tokenizer": runtime.tokenizer, "bitsandbytes": runtime.bitsandbytes, "architecture": runtime.architecture,
+            "allocator": plan.allocator, "allocator_note": plan.allocator_note}
 
 
 def _subprocess(mode: str, setting: tuple) -> dict:
@@ -174,6 +182,17 @@ def compare(settings: list[tuple], repeats: int = 3) -> list[dict]:
     return rows
 
 
+def replan(rows: list[dict]) -> list[dict]:
+    """The stored rows' measurements against what the current planner estimates for them (each in a fresh
+    process): for checking a change of the planner's allowances without measuring again."""
+    replanned = []
+    for row in rows:
+        planned = _subprocess("--estimate", tuple(row["setting"]))
+        replanned.append({**row, **planned, "error": planned["estimated"] / row["measured"] - 1})
+        print(_row(replanned[-1]), flush=True)
+    return replanned
+
+
 def _row(row: dict) -> str:
     batch, length, dtype, quantize, checkpointing, method, targets, r = row["setting"]
     rank = f" r={r}" if method in ("lora", "dora") else ""
@@ -188,6 +207,8 @@ def _row(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--validation", action="store_true", help="only the CI test's settings (VALIDATION)")
+    parser.add_argument("--replan", action="store_true", help="re-plan RESULTS-memory-plan.json's measured rows")
     parser.add_argument("--repeats", type=int, default=3, help="measured processes per setting (median)")
     parser.add_argument("--measure", nargs=8)
     parser.add_argument("--estimate", nargs=8)
@@ -198,15 +219,23 @@ def main() -> None:
             setting = (int(batch), int(length), dtype, quantize, checkpointing == "1", method, targets, int(r))
             print(json.dumps(run(*setting) if run else estimate(setting)))
             return
-    settings = SETTINGS[:3] if args.quick else SETTINGS
     machine = f"{platform.processor() or platform.machine()}, {platform.platform()}"
-    command = "python bench/memory_plan.py" + (" --quick" if args.quick else "")
-    rows = compare(settings, args.repeats)
-    name = "RESULTS-memory-plan-quick" if args.quick else "RESULTS-memory-plan"
+    flag = next((f" --{name}" for name in ("quick", "validation", "replan") if getattr(args, name)), "")
+    command = "python bench/memory_plan.py" + flag
+    name = "RESULTS-memory-plan" + flag.replace(" --", "-")
+    if args.replan:
+        stored = json.loads((HERE / "RESULTS-memory-plan.json").read_text())
+        rows = replan(stored["rows"])
+        measured_words = (f"the measurements of `{stored['command']}` (RESULTS-memory-plan.json, {stored['machine']}) "
+                          "kept, each setting planned again by the current planner")
+    else:
+        settings = SETTINGS[:3] if args.quick else VALIDATION if args.validation else SETTINGS
+        rows = compare(settings, args.repeats)
+        measured_words = "measured now"
     lines = [f"# The memory planner vs lorafit's measured step ({time.strftime('%Y-%m-%d')})", "",
-             f"`{command}` on {machine}. Measured: peak RSS over three steps of lorafit's step on the default model "
-             f"(SmolLM2-135M), above the process before loading, the median of {args.repeats} processes (their range "
-             "beside it); estimated: `lorafit estimate`'s total for the same "
+             f"`{command}` on {machine}; {measured_words}. Measured: peak RSS over three steps of lorafit's step on the "
+             f"default model (SmolLM2-135M), above the process before loading, the median of {args.repeats} processes "
+             "(their range beside it); estimated: `lorafit estimate`'s total for the same "
              "setting (in a fresh process, as the command runs), less the part of its measured runtime that the measured "
              "process already held before loading (Python, torch, transformers). Half of each example is prompt (no "
              "labels).", "",

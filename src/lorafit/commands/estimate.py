@@ -121,7 +121,7 @@ def run(config: EstimateConfig, echo=print, given=None) -> dict:
 
     from lorafit.models import load_config, parse_dtype, resolve_model_folder
     from lorafit.planner.plan import Planner, Setup, Workload
-    from lorafit.planner.runtime import available_memory, layout_of, runtime_allowance
+    from lorafit.planner.runtime import available_memory, measure_runtime
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = config.model_config or resolve_model_folder(None if config.model in (None, "default") else config.model)
@@ -132,8 +132,9 @@ def run(config: EstimateConfig, echo=print, given=None) -> dict:
 
         quantize = replace(quantize, compute_dtype=dtype)
     setup = Setup(adapter_for(config), dtype, quantize, config.gradient_checkpointing, config.row_tokens, device)
-    runtime = runtime_allowance(device, None if config.model_config else source, quantized=quantize is not None)
-    planner = Planner(model_config, setup, runtime=runtime, layout=layout_of(model_config, config.trust_remote_code),
+    runtime = measure_runtime(device, None if config.model_config else source, quantized=quantize is not None,
+                              config=model_config, trust_remote_code=config.trust_remote_code)
+    planner = Planner(model_config, setup, runtime=(runtime.total, runtime.note), layout=runtime.layout,
                       trust_remote_code=config.trust_remote_code)
     memory, memory_words = ((parse_memory(config.device_memory), "--device-memory") if config.device_memory
                             else available_memory(device))

@@ -8,13 +8,15 @@ stated as an allowance:
 
 - on CPU, the C allocator: glibc keeps freed blocks in its heap and reuses them imperfectly, so the
   resident peak exceeds the live-tensor peak (with MALLOC_MMAP_THRESHOLD_=131072 the gap falls to 20-27 MiB,
-  so it is heap retention, not hidden buffers; that setting makes every step ~1.5x slower). Measured on the
-  default model (bench/memory_plan.py and the fit in lorafit's issue 16 note), the gap is ~0.24-0.34 of the
-  step's tensor peak when a micro-batch is one forward call, ~0.58-0.63 when it is several (gradients made
-  during one call's backward sit where the next call's activations would go), ~1.2 with activation
-  checkpointing (every layer recomputed per call). The planner adds CPU_HEAP_SHARE of the tensor peak for
-  the case at hand. These are fitted figures for this machine's glibc, stated as such; how they hold on
-  other machines and much larger models is not measured.
+  so it is heap retention, not hidden buffers; that setting makes every step ~1.5x slower). Fitted on the
+  default model (bench/memory_plan.py's rows outside its validation set; lorafit issue 16's note), the gap is
+  0.34-0.39 of the step's tensor peak when a micro-batch is one forward call and 0.62-0.72 when it is several
+  (gradients made during one call's backward sit where the next call's activations would go). With
+  activation checkpointing it follows the model, not the step's tensors (every layer is recomputed per
+  call; 1.4-5.0 of a small tensor peak, 0.39-0.51 of the frozen weights in the compute dtype), and a 4-bit or
+  8-bit base adds a share of its layers' size in the compute dtype (each forward and backward dequantizes
+  every one of them into a temporary: 0.10-0.40). These are fitted figures for this machine's glibc, stated
+  as such in the plan; how they hold on other machines and much larger models is not measured.
 - the runtime around the step: on CPU, the process's own memory before the model loads (Python, torch,
   transformers) plus the tokenizer, measured at start; on CUDA, the CUDA context (measured when a GPU is
   present, else CUDA_CONTEXT_ASSUMED, said as an assumption).
@@ -43,8 +45,12 @@ from lorafit.train.loop import LoopSettings
 from lorafit.train.step import layout_collate
 
 MiB = 2**20
-# the C allocator's resident share on top of the step's tensor peak, by how the micro-batch runs (see above)
-CPU_HEAP_SHARE = {"one call": 0.30, "several calls": 0.60, "checkpointing": 1.2}
+# the C allocator's resident excess (see above): a share of the step's tensor peak by how the micro-batch runs,
+# with checkpointing a share of the frozen weights in the compute dtype instead, plus for a quantized base a
+# share of its quantized layers in the compute dtype
+CPU_HEAP_SHARE = {"one call": 0.36, "several calls": 0.67}
+CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS = 0.45
+CPU_HEAP_DEQUANTIZED_SHARE = 0.30
 CUDA_ALLOCATOR_ALLOWANCE = 0.10  # the caching allocator's rounding and segments (not measured here: no GPU)
 
 # Architectures the planner has been checked on (tests/planner): their decoder layers, attention and loss
@@ -155,6 +161,7 @@ class Planner:
         self.layers = _layer_count(config)
         self.model, self.mode = self._build(config, trust_remote_code)
         self.weights, self.trainable_parameters, self.trainable_bytes = _weights(self.model, setup.quantize)
+        self.compute_weight_bytes, self.dequantized_bytes = _in_compute_dtype(self.model, setup.dtype)
         self.shallow = [self._build(_with_layers(config, n), trust_remote_code) for n in (1, 2)]
 
     def _build(self, config, trust_remote_code: bool):
@@ -217,16 +224,28 @@ class Planner:
                     for model, mode in self.shallow)
         step = _extrapolate(one, two, self.layers)
         if setup.device == "cpu":
-            case = ("checkpointing" if setup.gradient_checkpointing else
-                    "one call" if len(pieces) == 1 else "several calls")
-            allocator = int(CPU_HEAP_SHARE[case] * step.peak)
-            note = f"C allocator allowance ({CPU_HEAP_SHARE[case]:.2f} × the tensor peak: {case}; fitted, planner/plan.py)"
+            allocator, note = self._cpu_heap(step, len(pieces))
         else:
             allocator = int(CUDA_ALLOCATOR_ALLOWANCE * step.peak)
             note = f"CUDA caching allocator allowance ({CUDA_ALLOCATOR_ALLOWANCE:.0%} of the tensor peak; assumed)"
         return Plan(self.weights, self.trainable_parameters, self.trainable_bytes, step, allocator,
                     self.runtime, self.runtime_note, _layout_words(step.pieces, "prefix_ids" in pieces[0].inputs),
                     note)
+
+
+    def _cpu_heap(self, step: StepMemory, calls: int) -> tuple[int, str]:
+        """glibc's resident excess over the step's tensors, and the words that say how it was reckoned."""
+        if self.setup.gradient_checkpointing:
+            allocator = CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS * self.compute_weight_bytes
+            words = f"{CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS:.2f} × the frozen weights in the compute dtype: checkpointing"
+        else:
+            case = "one call" if calls == 1 else "several calls"
+            allocator = CPU_HEAP_SHARE[case] * step.peak
+            words = f"{CPU_HEAP_SHARE[case]:.2f} × the tensor peak: {case}"
+        if self.dequantized_bytes:
+            allocator += CPU_HEAP_DEQUANTIZED_SHARE * self.dequantized_bytes
+            words += f", + {CPU_HEAP_DEQUANTIZED_SHARE:.2f} × the quantized layers dequantized"
+        return int(allocator), f"C allocator allowance ({words}; fitted, planner/plan.py)"
 
 
 def _layer_count(config) -> int:
@@ -260,6 +279,23 @@ def _layout_words(pieces: list[tuple], shared_prefix: bool) -> str:
     if largest[0] == 1:
         return f"largest forward call: one sequence of {largest[1]} tokens"
     return f"largest forward call: {largest[0]} rows × {largest[1]} tokens"
+
+
+def _in_compute_dtype(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """(the frozen weights' bytes in the compute dtype, those of the quantized layers alone), tied tensors once."""
+    size = torch.empty((), dtype=dtype).element_size()
+    frozen = dequantized = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, QuantizedStandIn):
+            dequantized += module.in_features * module.out_features * size
+            continue
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if tensor is None or id(tensor) in seen or tensor.requires_grad:
+                continue
+            seen.add(id(tensor))
+            frozen += tensor.numel() * tensor.element_size()
+    return frozen + dequantized, dequantized
 
 
 def _weights(model: nn.Module, quantize: QuantizeSettings | None) -> tuple[dict[str, int], int, int]:

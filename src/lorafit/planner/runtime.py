@@ -2,7 +2,10 @@
 
 The runtime allowance is measured, not assumed, where it can be: on CPU it is this process's resident
 memory once torch and transformers are loaded (a `lorafit train` process carries the same) plus what
-loading the model's tokenizer adds; on CUDA it is the CUDA context, measured when a GPU is present.
+loading the model's tokenizer adds, what importing bitsandbytes adds for a quantized base, and what the
+architecture's own code adds (transformers imports a model's modules the first time it builds one: 33-37 MiB
+for Llama on this machine, which a `lorafit train` process holds once it has loaded its model); on CUDA it
+is the CUDA context, measured when a GPU is present.
 """
 
 from __future__ import annotations
@@ -39,26 +42,31 @@ class Runtime:
     note: str
     tokenizer: int = 0
     bitsandbytes: int = 0  # its import (native library and modules), when the base is quantized
+    architecture: int = 0  # the model's Python code, imported when the layout probe first builds the architecture
+    layout: tuple[bool, bool] = (False, False)  # layout_of's answer, probed while measuring `architecture`
 
     @property
     def total(self) -> int:
-        return self.process + self.tokenizer + self.bitsandbytes
+        return self.process + self.tokenizer + self.bitsandbytes + self.architecture
 
 
-def runtime_allowance(device: str, model_folder: Path | None, quantized: bool = False) -> tuple[int, str]:
-    """(bytes, what they are) of the process around the training step."""
-    runtime = measure_runtime(device, model_folder, quantized)
-    return runtime.total, runtime.note
+def measure_runtime(device: str, model_folder: Path | None, quantized: bool = False, config=None,
+                    trust_remote_code: bool = False) -> Runtime:
+    """The runtime's parts, measured in this process (it must not have loaded a model or bitsandbytes yet).
 
-
-def measure_runtime(device: str, model_folder: Path | None, quantized: bool = False) -> Runtime:
-    """The runtime's parts, measured in this process (it must not have loaded a model or bitsandbytes yet)."""
+    With `config`, the layout probe (layout_of) runs here too, and on CPU what it leaves resident counts as
+    the architecture's code: it is the first time this process builds the architecture, as loading the
+    model is in a training process.
+    """
     if device == "cuda":
+        layout = layout_of(config, trust_remote_code) if config is not None else (False, False)
         if torch.cuda.is_available():
             torch.cuda.init()
             free, total = torch.cuda.mem_get_info()
-            return Runtime(total - free - torch.cuda.memory_reserved(), "runtime: the CUDA context (measured on this GPU)")
-        return Runtime(CUDA_CONTEXT_ASSUMED, "runtime: the CUDA context (assumed: no GPU here to measure)")
+            return Runtime(total - free - torch.cuda.memory_reserved(), "runtime: the CUDA context (measured on this GPU)",
+                           layout=layout)
+        return Runtime(CUDA_CONTEXT_ASSUMED, "runtime: the CUDA context (assumed: no GPU here to measure)",
+                       layout=layout)
     before = resident_bytes()
     tokenizer = 0
     if model_folder is not None and Path(model_folder).is_dir():
@@ -76,10 +84,15 @@ def measure_runtime(device: str, model_folder: Path | None, quantized: bool = Fa
         start = resident_bytes()
         import_bitsandbytes()
         bitsandbytes = max(resident_bytes() - start, 0)
+    architecture, layout = 0, (False, False)
+    if config is not None:
+        start = resident_bytes()
+        layout = layout_of(config, trust_remote_code)
+        architecture = max(resident_bytes() - start, 0)
     parts = ["Python, torch, transformers"] + (["the tokenizer"] if tokenizer else []) + (
-        ["bitsandbytes"] if bitsandbytes else [])
+        ["bitsandbytes"] if bitsandbytes else []) + (["the architecture's code"] if architecture else [])
     words = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
-    return Runtime(before, f"runtime: {words} (measured at start)", tokenizer, bitsandbytes)
+    return Runtime(before, f"runtime: {words} (measured at start)", tokenizer, bitsandbytes, architecture, layout)
 
 
 def mem_available() -> int:
