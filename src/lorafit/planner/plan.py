@@ -13,7 +13,7 @@ stated as an allowance:
   0.34-0.39 of the step's tensor peak when a micro-batch is one forward call and 0.62-0.72 when it is several
   (gradients made during one call's backward sit where the next call's activations would go). With
   activation checkpointing it follows the model, not the step's tensors (every layer is recomputed per
-  call; 1.4-5.0 of a small tensor peak, 0.39-0.51 of the frozen weights in the compute dtype), and a 4-bit or
+  call; 1.4-5.0 of a small tensor peak, 0.39-0.51 of the model's weights in the compute dtype), and a 4-bit or
   8-bit base adds a share of its layers' size in the compute dtype (each forward and backward dequantizes
   every one of them into a temporary: 0.10-0.40). These are fitted figures for this machine's glibc, stated
   as such in the plan; how they hold on other machines and much larger models is not measured.
@@ -46,7 +46,7 @@ from lorafit.train.step import layout_collate
 
 MiB = 2**20
 # the C allocator's resident excess (see above): a share of the step's tensor peak by how the micro-batch runs,
-# with checkpointing a share of the frozen weights in the compute dtype instead, plus for a quantized base a
+# with checkpointing a share of the model's weights in the compute dtype instead, plus for a quantized base a
 # share of its quantized layers in the compute dtype
 CPU_HEAP_SHARE = {"one call": 0.36, "several calls": 0.67}
 CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS = 0.45
@@ -237,7 +237,7 @@ class Planner:
         """glibc's resident excess over the step's tensors, and the words that say how it was reckoned."""
         if self.setup.gradient_checkpointing:
             allocator = CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS * self.compute_weight_bytes
-            words = f"{CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS:.2f} × the frozen weights in the compute dtype: checkpointing"
+            words = f"{CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS:.2f} × the model's weights in the compute dtype: checkpointing"
         else:
             case = "one call" if calls == 1 else "several calls"
             allocator = CPU_HEAP_SHARE[case] * step.peak
@@ -282,20 +282,21 @@ def _layout_words(pieces: list[tuple], shared_prefix: bool) -> str:
 
 
 def _in_compute_dtype(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
-    """(the frozen weights' bytes in the compute dtype, those of the quantized layers alone), tied tensors once."""
+    """(the model's weights' bytes in the compute dtype, those of the quantized layers alone), tied tensors once.
+    Trainable ones count too: with full fine-tuning they are the whole model."""
     size = torch.empty((), dtype=dtype).element_size()
-    frozen = dequantized = 0
+    other = dequantized = 0
     seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, QuantizedStandIn):
             dequantized += module.in_features * module.out_features * size
             continue
         for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if tensor is None or id(tensor) in seen or tensor.requires_grad:
+            if tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            frozen += tensor.numel() * tensor.element_size()
-    return frozen + dequantized, dequantized
+            other += tensor.numel() * tensor.element_size()
+    return other + dequantized, dequantized
 
 
 def _weights(model: nn.Module, quantize: QuantizeSettings | None) -> tuple[dict[str, int], int, int]:

@@ -3,7 +3,7 @@
 The runtime allowance is measured, not assumed, where it can be: on CPU it is this process's resident
 memory once torch and transformers are loaded (a `lorafit train` process carries the same) plus what
 loading the model's tokenizer adds, what importing bitsandbytes adds for a quantized base, and what the
-architecture's own code adds (transformers imports a model's modules the first time it builds one: 29-37 MiB
+architecture's own code adds (transformers imports a model's modules the first time it builds one: 16-37 MiB
 for Llama on this machine, which a `lorafit train` process holds once it has loaded its model); on CUDA it
 is the CUDA context, measured when a GPU is present.
 """
