@@ -19,6 +19,7 @@ from common import LR, MAX_GRAD_NORM, SEED
 
 from lorafit.data import IGNORE_INDEX
 from lorafit.train.attention import use_fp32_attention
+from lorafit.train.gradients import StepGradients
 from lorafit.train.step import choose_collate, train_step, weights_are_finite
 
 
@@ -45,6 +46,7 @@ class LorafitSide:
         self.model = model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=LR, weight_decay=0.0)
+        self.gradients = StepGradients(self.parameters)  # made once, as the loop's setup makes them
         # the layout `lorafit train` picks with its defaults (row_tokens 128, no gradient checkpointing)
         self.collate = choose_collate(model, model.config.vocab_size, tokenizer.pad_token_id, row_tokens=128,
                                       gradient_checkpointing=False, echo=lambda _: None)
@@ -67,7 +69,8 @@ class LorafitSide:
 
     def step(self, examples: list) -> dict:
         pieces = self.collate(examples)  # one micro-batch as one or more forward calls, as the loop runs it
-        step = train_step(self.model, pieces, self.parameters, self.optimizer, MAX_GRAD_NORM, body=self.body)
+        step = train_step(self.model, pieces, self.parameters, self.optimizer, MAX_GRAD_NORM, body=self.body,
+                          gradients=self.gradients)
         weights_are_finite(self.parameters)  # the loop checks the weights after every step (issue 13)
         return {"loss": step.loss, "real_tokens": step.real_tokens, "label_tokens": step.label_tokens,
                 "computed_tokens": sum(_computed_tokens(piece.inputs) for piece in pieces)}
@@ -113,6 +116,7 @@ class PeftSide:
         self.pad_id = tokenizer.pad_token_id
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=LR, weight_decay=0.0)
+        self.gradients = StepGradients(self.parameters)  # made once, as the loop's setup makes them
         self.model.train()
 
     def trainable_count(self) -> int:

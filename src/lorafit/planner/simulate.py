@@ -3,7 +3,8 @@
 The planner does not model the loop: it runs it. The micro-batch is collated by the loop's own collate
 (`layout_collate`: examples alone, packed rows, a shared prefix), each piece goes through the loop's own
 forward, loss and backward (`accumulate_gradients`: label-only chunked logits, the frozen-head loss,
-activation checkpointing when asked), then the same gradient clipping and AdamW step. Two steps, because
+activation checkpointing when asked) into the gradient tensors the loop makes once (`StepGradients`), then the
+same gradient clipping and AdamW step. Two steps, because
 AdamW's states exist from the first step on, so the second is the one every later step repeats.
 `LiveBytes` records the live bytes after each decoder layer, at the end of the body, and the peak.
 
@@ -32,6 +33,7 @@ from lorafit.data import IGNORE_INDEX, TokenizedExample
 from lorafit.planner.tracker import LiveBytes
 from lorafit.train.attention import use_fp32_attention
 from lorafit.train.batching import Batch, collate_alone
+from lorafit.train.gradients import StepGradients
 from lorafit.train.loop import (
     LoopSettings,
     _set_activation_checkpointing,
@@ -157,10 +159,12 @@ def simulate_steps(model: nn.Module, mode, pieces: list[Batch], settings: LoopSe
             # the last layer's backward pre-hook fires on its output's gradient, which is all it is for
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+            gradients = StepGradients(parameters)  # the loop makes them once, before its first step
             # Step one creates AdamW's states; a tiny call does that as well as the real pieces would.
             for step_pieces in ([tiny], pieces):
                 tracker.reset_peak()
                 step_labels = sum(piece.label_tokens for piece in step_pieces)
+                gradients.lend()
                 for index, piece in enumerate(step_pieces):
                     after_layer.clear()
                     body_end.clear()
@@ -172,6 +176,7 @@ def simulate_steps(model: nn.Module, mode, pieces: list[Batch], settings: LoopSe
                         marks = [start] + after_layer[: len(layers or [])]
                         largest = StepMemory(0, end - start, [b - a for a, b in zip(marks, marks[1:])],
                                              loss_peak=loss_marks[1] - end if len(loss_marks) > 1 else 0)
+                gradients.drop_unreached()
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -44,6 +44,7 @@ from lorafit.train.checkpoint import (
     save_checkpoint,
 )
 from lorafit.train.distributed import Ranks, any_rank, share
+from lorafit.train.gradients import StepGradients
 from lorafit.train.loss import head_and_body
 from lorafit.train.step import (
     StepResult,
@@ -130,7 +131,7 @@ def train(
                 step_started = time.perf_counter()
                 micro = _next_micro_batches(stream, examples, run.collate, settings.grad_accum, position, ranks)
                 step = train_step(model, micro, run.parameters, run.optimizer, settings.max_grad_norm,
-                                  run.scheduler, body=run.body, ranks=ranks)
+                                  run.scheduler, body=run.body, ranks=ranks, gradients=run.gradients)
                 position.step += 1
                 if step.applied:
                     if not weights_are_finite(run.parameters):
@@ -187,6 +188,7 @@ class TrainingSetup:
     position: Position  # where the steps start: the beginning, or the resumed checkpoint's position
     collate: Callable[[list], list[Batch]]  # a micro-batch's examples → its forward calls
     body: torch.nn.Module | None  # the torch.compile'd model body; None runs the model's own
+    gradients: StepGradients  # the parameters' gradient tensors, made here, before any step's activations
 
 
 def setup_training(model, settings: LoopSettings, run_dir: Path, *, pad_id: int, vocab_size: int,
@@ -218,7 +220,8 @@ def setup_training(model, settings: LoopSettings, run_dir: Path, *, pad_id: int,
         _truncate_log(run_dir / "log.jsonl", position.step, echo)
     parameters = [p for group in groups for p in group["params"]]
     release_freed_memory()  # what the load, the evaluation before training and the layout probes freed
-    return TrainingSetup(optimizer, scheduler, parameters, parameter_names, position, collate, body)
+    gradients = StepGradients(parameters)  # after the trim: they stay below the heap the steps will use
+    return TrainingSetup(optimizer, scheduler, parameters, parameter_names, position, collate, body, gradients)
 
 
 # The loop's steps in parts: what each one reads and writes, in the order the loop calls them.

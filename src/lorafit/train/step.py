@@ -31,6 +31,7 @@ from lorafit.train.distributed import (
 )
 from lorafit.train.forward import packing_is_exact, prefix_sharing_is_exact
 from lorafit.train.fsdp import equal_calls
+from lorafit.train.gradients import StepGradients
 from lorafit.train.loss import summed_token_loss
 
 
@@ -81,7 +82,8 @@ class StepResult:
 
 def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                max_grad_norm: float, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
-               body: torch.nn.Module | None = None, ranks: Ranks | None = None) -> StepResult:
+               body: torch.nn.Module | None = None, ranks: Ranks | None = None,
+               gradients: StepGradients | None = None) -> StepResult:
     """One optimizer step over a step's micro-batches, given as collated forward calls (all accumulated).
 
     Each call's summed loss is divided by the label tokens of the whole step before its backward, so
@@ -93,6 +95,9 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     `ranks`: under torchrun, this process's share of the step; the label tokens, the gradients and the
     totals are summed over ranks (lorafit.train.distributed), so every rank steps as one process would;
     with a sharded base (lorafit.train.fsdp) the ranks' pieces are first padded to the same count.
+    `gradients`: gradient tensors made once for the whole run (lorafit.train.gradients), lent to the
+    parameters for the step so that it allocates none (the loop passes them); without, autograd allocates
+    them in each step.
     """
     device = next(model.parameters()).device
     pieces = [piece.to(device) for piece in micro_batches]
@@ -103,9 +108,13 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     if label_tokens == 0:
         raise ValueError("train_step: the micro-batches hold no label tokens to train on")
 
+    if gradients is not None:
+        gradients.lend()
     # FSDP2 all-gathers each layer's weights in forward and backward: a lost rank fails there
     with collectives_inside("a step (FSDP's all-gathers)") if sharded else contextlib.nullcontext():
         loss_sum = accumulate_gradients(model, pieces, label_tokens, body=body)
+    if gradients is not None:
+        gradients.drop_unreached()
     real_tokens = sum(piece.real_tokens for piece in pieces)
     if ranks is None:
         loss_sum = loss_sum.item()
