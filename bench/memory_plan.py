@@ -1,8 +1,11 @@
 """The memory planner against the real thing: `lorafit estimate`'s figure vs the measured peak of lorafit's step.
 
 For each setting, lorafit's own training step (setup_training's optimizer and layout, train_step) runs on the
-default model (SmolLM2-135M) in a process of its own: the peak resident memory (VmHWM) over three steps,
-above the process's memory before the tokenizer and model load. The planner plans the same setting from the
+default model (SmolLM2-135M) in a process of its own: the peak resident memory (VmHWM) over `STEPS` steps,
+above the process's memory before the tokenizer and model load. Six steps, not one or three: glibc's heap keeps
+growing for a few steps (its free holes are split by small allocations and reused imperfectly), mostly from the
+first step to the second, then by a percent or two at random steps (measured over 12-30 steps: IA3 632 → 652 MiB,
+checkpointing 429 → 451 MiB), and a training run is many steps. The planner plans the same setting from the
 model's config in another fresh process, as `lorafit estimate` runs; its total less the runtime part the measured
 process held before loading (Python, torch, transformers) is the comparable figure.
 
@@ -11,6 +14,8 @@ process held before loading (Python, torch, transformers) is the comparable figu
     python bench/memory_plan.py --validation    # the CI test's six -> bench/RESULTS-memory-plan-validation.md
     python bench/memory_plan.py --replan        # the stored measurements of RESULTS-memory-plan.json, planned
                                                 # again by the current planner (after its allowances change)
+    python bench/memory_plan.py --fit           # the CPU heap shares fitted to RESULTS-memory-plan.json's rows
+                                                # outside the validation six (planner/plan.py's CPU_HEAP_SHARES)
     python bench/memory_plan.py --measure B L DTYPE QUANTIZE CHECKPOINTING METHOD TARGETS R   # one measurement (JSON)
     python bench/memory_plan.py --estimate B L DTYPE QUANTIZE CHECKPOINTING METHOD TARGETS R  # one plan (JSON)
 """
@@ -29,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MiB = 2**20
+STEPS = 6  # steps per measured process (see the docstring)
 
 # (batch, length, dtype, quantize, gradient checkpointing, method, targets ("default": the method's usual), r)
 SETTINGS = [
@@ -86,8 +92,10 @@ def _examples(batch: int, length: int, count: int):
 
 
 def measure(batch: int, length: int, dtype: str, quantize: str, checkpointing: bool, method: str, targets: str,
-            r: int) -> dict:
-    """Three steps of lorafit's loop step on the default model; peak RSS above the memory before loading."""
+            r: int, mark=None) -> dict:
+    """`STEPS` steps of lorafit's loop step on the default model; peak RSS above the memory before loading (and
+    after each step, to show the heap's growth from step to step). `mark(k)`, when given, is called before (odd k)
+    and after (even k) each step (bench/heap_replay.py marks its allocation log with it)."""
     import torch
 
     import lorafit
@@ -117,12 +125,19 @@ def measure(batch: int, length: int, dtype: str, quantize: str, checkpointing: b
     loaded = _status("VmRSS")
     with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
         clear.write("5")  # the peak (VmHWM) starts again from now: the load's own peak is not the step's
-    examples = _examples(batch, length, 3 * batch)
+    examples = _examples(batch, length, STEPS * batch)
     started = time.perf_counter()
-    for step in range(3):
-        train_step(model, run.collate(examples[step * batch:(step + 1) * batch]), run.parameters, run.optimizer, 1.0)
-    return {"loaded": loaded - baseline, "peak": _status("VmHWM") - baseline,
-            "seconds_per_step": (time.perf_counter() - started) / 3}
+    by_step = []
+    for step in range(STEPS):
+        if mark:
+            mark(2 * step + 1)
+        train_step(model, run.collate(examples[step * batch:(step + 1) * batch]), run.parameters, run.optimizer, 1.0,
+                   gradients=run.gradients)
+        if mark:
+            mark(2 * step + 2)
+        by_step.append(_status("VmHWM") - baseline)
+    return {"loaded": loaded - baseline, "peak": by_step[-1], "peak_by_step": by_step,
+            "seconds_per_step": (time.perf_counter() - started) / STEPS}
 
 
 def planner_for(setting: tuple):
@@ -154,7 +169,8 @@ def estimate(setting: tuple) -> dict:
     plan = planner.plan(Workload(batch, length, prompt_length=length // 2))
     return {"estimated": plan.total - runtime.process, "tensor_peak": plan.step.peak, "weights": plan.weight_bytes,
             "tokenizer": runtime.tokenizer, "bitsandbytes": runtime.bitsandbytes, "architecture": runtime.architecture,
-            "allocator": plan.allocator, "allocator_note": plan.allocator_note}
+            "allocator": plan.allocator, "allocator_note": plan.allocator_note, "heap_bases": plan.heap_bases,
+            "without_allocator": plan.total - runtime.process - plan.allocator}
 
 
 def _subprocess(mode: str, setting: tuple) -> dict:
@@ -193,6 +209,25 @@ def replan(rows: list[dict]) -> list[dict]:
     return replanned
 
 
+def fit(rows: list[dict]) -> dict[str, float]:
+    """The CPU heap shares (planner/plan.py's CPU_HEAP_SHARES) that best fit `rows` outside VALIDATION.
+
+    Each row's estimate is its plan without the allocator part plus Σ share × basis (the row's heap_bases);
+    the shares minimise the sum of squared relative errors against the measured medians (least squares),
+    rounded to two decimals as plan.py states them.
+    """
+    import torch
+
+    validation = [list(setting) for setting in VALIDATION]
+    fitted = [row for row in rows if row["setting"] not in validation]
+    names = sorted({name for row in fitted for name in row["heap_bases"]})
+    design = torch.tensor([[row["heap_bases"].get(name, 0) / row["measured"] for name in names] for row in fitted],
+                          dtype=torch.float64)
+    target = torch.tensor([1 - row["without_allocator"] / row["measured"] for row in fitted], dtype=torch.float64)
+    shares = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+    return {name: round(float(share), 2) for name, share in zip(names, shares)}
+
+
 def _row(row: dict) -> str:
     batch, length, dtype, quantize, checkpointing, method, targets, r = row["setting"]
     rank = f" r={r}" if method in ("lora", "dora") else ""
@@ -209,6 +244,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--validation", action="store_true", help="only the CI test's settings (VALIDATION)")
     parser.add_argument("--replan", action="store_true", help="re-plan RESULTS-memory-plan.json's measured rows")
+    parser.add_argument("--fit", action="store_true", help="the CPU heap shares that fit RESULTS-memory-plan.json's "
+                        "rows outside the validation six (for planner/plan.py's CPU_HEAP_SHARES)")
     parser.add_argument("--repeats", type=int, default=3, help="measured processes per setting (median)")
     parser.add_argument("--measure", nargs=8)
     parser.add_argument("--estimate", nargs=8)
@@ -219,6 +256,15 @@ def main() -> None:
             setting = (int(batch), int(length), dtype, quantize, checkpointing == "1", method, targets, int(r))
             print(json.dumps(run(*setting) if run else estimate(setting)))
             return
+    if args.fit:
+        stored = json.loads((HERE / "RESULTS-memory-plan.json").read_text())["rows"]
+        shares = fit(stored)
+        print("CPU_HEAP_SHARES =", json.dumps(shares))
+        for row in stored:
+            planned = row["without_allocator"] + sum(shares[k] * v for k, v in row["heap_bases"].items())
+            held_out = " (validation: not fitted)" if tuple(row["setting"]) in VALIDATION else ""
+            print(f"{_row({**row, 'estimated': planned, 'error': planned / row['measured'] - 1})}{held_out}")
+        return
     machine = f"{platform.processor() or platform.machine()}, {platform.platform()}"
     flag = next((f" --{name}" for name in ("quick", "validation", "replan") if getattr(args, name)), "")
     command = "python bench/memory_plan.py" + flag
@@ -233,7 +279,7 @@ def main() -> None:
         rows = compare(settings, args.repeats)
         measured_words = "measured now"
     lines = [f"# The memory planner vs lorafit's measured step ({time.strftime('%Y-%m-%d')})", "",
-             f"`{command}` on {machine}; {measured_words}. Measured: peak RSS over three steps of lorafit's step on the "
+             f"`{command}` on {machine}; {measured_words}. Measured: peak RSS over {STEPS} steps of lorafit's step on the "
              f"default model (SmolLM2-135M), above the process before loading, the median of {args.repeats} processes "
              "(their range beside it); estimated: `lorafit estimate`'s total for the same "
              "setting (in a fresh process, as the command runs), less the part of its measured runtime that the measured "

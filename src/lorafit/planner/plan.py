@@ -6,17 +6,23 @@ real micro-batch of examples) by running lorafit's own step on them (planner.sim
 exact for tensors (tests/planner compare it with the same step on real weights); what it adds on top is
 stated as an allowance:
 
-- on CPU, the C allocator: glibc keeps freed blocks in its heap and reuses them imperfectly, so the
-  resident peak exceeds the live-tensor peak (with MALLOC_MMAP_THRESHOLD_=131072 the gap falls to 20-27 MiB,
-  so it is heap retention, not hidden buffers; that setting makes every step ~1.5x slower). Fitted on the
-  default model (bench/memory_plan.py's rows outside its validation set; lorafit issue 16's note), the gap is
-  0.34-0.39 of the step's tensor peak when a micro-batch is one forward call and 0.62-0.72 when it is several
-  (gradients made during one call's backward sit where the next call's activations would go). With
-  activation checkpointing it follows the model, not the step's tensors (every layer is recomputed per
-  call; 1.4-5.0 of a small tensor peak, 0.39-0.51 of the model's weights in the compute dtype), and a 4-bit or
-  8-bit base adds a share of its layers' size in the compute dtype (each forward and backward dequantizes
-  every one of them into a temporary: 0.10-0.40). These are fitted figures for this machine's glibc, stated
-  as such in the plan; how they hold on other machines and much larger models is not measured.
+- on CPU, the C allocator: the resident peak exceeds the live-tensor peak because glibc's heap reuses the
+  holes freed tensors leave imperfectly. bench/heap_replay.py shows where it comes from: a measured step's
+  whole malloc log, replayed through glibc, grows the heap as the traced process grew (within 7% for a float
+  base, bench/RESULTS-heap-replay.md), and leaving out the small C++ allocations made between the tensors
+  (autograd's nodes, TensorImpls, saved-variable records) removes half or more of the excess (IA3, 4 × 256:
+  +102 → +10 MiB over 234 MiB of tensors; all-linear r=8, 4 × 512: +592 → +102 MiB): they split the holes the
+  next activations would have reused. Their lifetimes are not the tensors', so the planner, which sees tensors
+  only, cannot replay them (synthetic ones tied to the tensors' lifetimes gave about a quarter of the IA3 excess
+  in an earlier three-step trace); it states the excess as fitted shares (CPU_HEAP_SHARES) of what it grows
+  with: the step's tensor peak, more when a micro-batch is several forward calls (the heap left by one call's
+  backward is what the next call's forward must fit into);
+  with activation checkpointing the model's weights in the compute dtype instead (every layer is recomputed
+  per call, so the churn follows the model, not the small saved peak); and for a 4-bit or 8-bit base, in
+  addition, its layers' size in the compute dtype (each forward and backward dequantizes every one of them
+  into a temporary). The shares are a least-squares fit to bench/memory_plan.py's measured rows outside its
+  six validation settings, which then fall within ±10% out of sample; they are this machine's glibc, said as
+  fitted in the plan, and how they hold on other machines and much larger models is not measured.
 - the runtime around the step: on CPU, the process's own memory before the model loads (Python, torch,
   transformers) plus the tokenizer, measured at start; on CUDA, the CUDA context (measured when a GPU is
   present, else CUDA_CONTEXT_ASSUMED, said as an assumption).
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,12 +51,15 @@ from lorafit.train.loop import LoopSettings
 from lorafit.train.step import layout_collate
 
 MiB = 2**20
-# the C allocator's resident excess (see above): a share of the step's tensor peak by how the micro-batch runs,
-# with checkpointing a share of the model's weights in the compute dtype instead, plus for a quantized base a
-# share of its quantized layers in the compute dtype
-CPU_HEAP_SHARE = {"one call": 0.36, "several calls": 0.67}
-CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS = 0.45
-CPU_HEAP_DEQUANTIZED_SHARE = 0.30
+# The C allocator's resident excess on CPU (see above): a share of what it grows with. The step's tensor peak, by
+# whether a micro-batch is one forward call or several; with checkpointing the model's weights in the compute dtype
+# instead; for a 4/8-bit base, in addition, its quantized layers in the compute dtype. Fitted by
+# `python bench/memory_plan.py --fit` to the measured bench rows outside the CI test's six
+# (bench/RESULTS-memory-plan.json); tests/planner checks that these are that fit.
+CPU_HEAP_SHARES = {"one call": 0.37, "several calls": 0.59, "checkpointing": 0.30, "dequantized": 0.25}
+_HEAP_BASIS_WORDS = {"one call": "the tensor peak: one call", "several calls": "the tensor peak: several calls",
+                     "checkpointing": "the model's weights in the compute dtype: checkpointing",
+                     "dequantized": "the quantized layers dequantized"}
 CUDA_ALLOCATOR_ALLOWANCE = 0.10  # the caching allocator's rounding and segments (not measured here: no GPU)
 
 # Architectures the planner has been checked on (tests/planner): their decoder layers, attention and loss
@@ -103,6 +112,7 @@ class Plan:
     runtime_note: str
     layout: str
     allocator_note: str = "allocator allowance"
+    heap_bases: dict[str, int] = field(default_factory=dict)  # on CPU: what each share of CPU_HEAP_SHARES multiplies
 
     @property
     def gradients(self) -> int:
@@ -223,29 +233,28 @@ class Planner:
         one, two = (simulate_steps(model, mode, pieces, settings, autocast_dtype=autocast, on_cpu=setup.device == "cpu")
                     for model, mode in self.shallow)
         step = _extrapolate(one, two, self.layers)
+        bases = {}
         if setup.device == "cpu":
-            allocator, note = self._cpu_heap(step, len(pieces))
+            bases = self._cpu_heap_bases(step, len(pieces))
+            allocator = int(sum(CPU_HEAP_SHARES[name] * size for name, size in bases.items()))
+            words = ", + ".join(f"{CPU_HEAP_SHARES[name]:.2f} × {_HEAP_BASIS_WORDS[name]}" for name in bases)
+            note = f"C allocator allowance ({words}; fitted, planner/plan.py)"
         else:
             allocator = int(CUDA_ALLOCATOR_ALLOWANCE * step.peak)
             note = f"CUDA caching allocator allowance ({CUDA_ALLOCATOR_ALLOWANCE:.0%} of the tensor peak; assumed)"
         return Plan(self.weights, self.trainable_parameters, self.trainable_bytes, step, allocator,
                     self.runtime, self.runtime_note, _layout_words(step.pieces, "prefix_ids" in pieces[0].inputs),
-                    note)
+                    note, bases)
 
-
-    def _cpu_heap(self, step: StepMemory, calls: int) -> tuple[int, str]:
-        """glibc's resident excess over the step's tensors, and the words that say how it was reckoned."""
+    def _cpu_heap_bases(self, step: StepMemory, calls: int) -> dict[str, int]:
+        """The bytes each share of glibc's resident excess multiplies (CPU_HEAP_SHARES), for this step."""
         if self.setup.gradient_checkpointing:
-            allocator = CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS * self.compute_weight_bytes
-            words = f"{CPU_HEAP_CHECKPOINTING_SHARE_OF_WEIGHTS:.2f} × the model's weights in the compute dtype: checkpointing"
+            bases = {"checkpointing": self.compute_weight_bytes}
         else:
-            case = "one call" if calls == 1 else "several calls"
-            allocator = CPU_HEAP_SHARE[case] * step.peak
-            words = f"{CPU_HEAP_SHARE[case]:.2f} × the tensor peak: {case}"
+            bases = {"one call" if calls == 1 else "several calls": step.peak}
         if self.dequantized_bytes:
-            allocator += CPU_HEAP_DEQUANTIZED_SHARE * self.dequantized_bytes
-            words += f", + {CPU_HEAP_DEQUANTIZED_SHARE:.2f} × the quantized layers dequantized"
-        return int(allocator), f"C allocator allowance ({words}; fitted, planner/plan.py)"
+            bases["dequantized"] = self.dequantized_bytes
+        return bases
 
 
 def _layer_count(config) -> int:
