@@ -41,7 +41,7 @@ def run_variant(variant: str, steps: int) -> dict:
     from data import DATASETS, batch_plan
     from sides import QV8, LorafitSide, load_base
 
-    from lorafit.train import loop
+    from lorafit.train import setup
     from lorafit.train.step import choose_collate
 
     model, tokenizer = load_base()
@@ -49,11 +49,11 @@ def run_variant(variant: str, steps: int) -> dict:
     plan = batch_plan(examples)
     side = LorafitSide(model, tokenizer, QV8)
     if variant == "checkpointing":
-        loop._set_activation_checkpointing(model, True)
+        setup.set_activation_checkpointing(model, True)
         side.collate = choose_collate(model, model.config.vocab_size, tokenizer.pad_token_id, row_tokens=128,
                                       gradient_checkpointing=True, echo=lambda _: None)
     elif variant.startswith("compile"):
-        side.body = loop._compiled_body(model, "inductor", torch.device("cpu"), echo=lambda _: None)
+        side.body = setup.compiled_body(model, "inductor", torch.device("cpu"), echo=lambda _: None)
     seconds, losses = [], []
     for indices in plan[: steps + 1]:
         started = time.perf_counter()

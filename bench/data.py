@@ -17,8 +17,8 @@ VARLEN_MAX_LENGTH = 1024
 
 
 def date_examples(tokenizer) -> list:
-    from lorafit.data import build_dataset
-    from lorafit.tasks import date_task_splits
+    from lorafit.data.tasks import date_task_splits
+    from lorafit.data.tokenizing import build_dataset
 
     conversations, _ = date_task_splits(DATE_EXAMPLES, 0, SEED)
     examples, _ = build_dataset(tokenizer, conversations, DATE_MAX_LENGTH)

@@ -113,7 +113,7 @@ def _planned_peak(model, workload, examples: list, plan: list, records: list, de
     AdamW's states (which exist before every measured step, so the measured figure excludes them)."""
     if device.type != "cuda" or not records:
         return None
-    from lorafit.methods.lora import LoraConfig
+    from lorafit.methods.lora.method import LoraConfig
     from lorafit.planner.plan import Planner, Setup
 
     index = max(range(len(records)), key=lambda i: records[i]["lorafit"]["peak_mib"])

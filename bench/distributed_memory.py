@@ -59,7 +59,7 @@ def resident_mib(pid: int) -> dict | None:
 
 def run(strategy: str, args, folder: Path) -> dict:
     output = folder / strategy
-    command = [sys.executable, "-m", "lorafit.cli", "train", "--nproc", "2", "--strategy", strategy,
+    command = [sys.executable, "-m", "lorafit", "train", "--nproc", "2", "--strategy", strategy,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
                "--eval-examples", "0", "--dropout", str(args.dropout), "--output", str(output)]
     command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import lorafit
-from lorafit.data import IGNORE_INDEX, TokenizedExample
+from lorafit.data.tokenizing import IGNORE_INDEX, TokenizedExample
 from lorafit.train import distributed
 from lorafit.train.fsdp import shard_frozen_base
 from lorafit.train.step import layout_collate, train_step

@@ -35,10 +35,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from lorafit.gguf_model import default_model_path
-    from lorafit.models import resolve_model_folder
-    from lorafit.tasks import BUILTIN, date_task_splits
-    from tests.export import llama_cpp_oracle as oracle
+    from lorafit.data.tasks import BUILTIN, date_task_splits
+    from lorafit.models.gguf_cache import default_model_path
+    from lorafit.models.loading import resolve_model_folder
+    from tests.formats import llama_cpp_oracle as oracle
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     run = args.run

@@ -64,10 +64,11 @@ VALIDATION = [SETTINGS[i] for i in (0, 3, 4, 5, 6, 7)]
 def adapter(method: str, targets: str, r: int):
     """The adapter `lorafit train --method M --targets T --r R` attaches (its defaults for the rest: LoRA
     dropout 0.05, ...), for the measured run and the plan alike."""
-    from lorafit.commands.estimate import EstimateConfig, adapter_for
+    import lorafit.methods  # noqa: F401  (the built-in methods' registry lines)
+    from lorafit.core.registry import config_from_options
+    from lorafit.core.selection import parse_targets
 
-    chosen = None if targets == "default" else [targets]
-    return adapter_for(EstimateConfig(method=method, targets=chosen, **({"r": r} if method in ("lora", "dora") else {})))
+    return config_from_options(method, parse_targets(None if targets == "default" else [targets]), {"r": r})
 
 
 def _status(field: str) -> int:
@@ -81,7 +82,7 @@ def _status(field: str) -> int:
 def _examples(batch: int, length: int, count: int):
     import torch
 
-    from lorafit.data import IGNORE_INDEX, TokenizedExample
+    from lorafit.data.tokenizing import IGNORE_INDEX, TokenizedExample
 
     generator = torch.Generator().manual_seed(0)
     examples = []
@@ -99,14 +100,11 @@ def measure(batch: int, length: int, dtype: str, quantize: str, checkpointing: b
     import torch
 
     import lorafit
-    from lorafit.models import load_model_and_tokenizer
-    from lorafit.quantize import QuantizeSettings
+    from lorafit.models.loading import load_model_and_tokenizer
+    from lorafit.models.quantize import QuantizeSettings
     from lorafit.train.attention import use_fp32_attention
-    from lorafit.train.loop import (
-        LoopSettings,
-        _set_activation_checkpointing,
-        setup_training,
-    )
+    from lorafit.train.loop import LoopSettings
+    from lorafit.train.setup import set_activation_checkpointing, setup_training
     from lorafit.train.step import train_step
 
     chosen = adapter(method, targets, r)  # before the baseline: it imports the command's modules (tyro, ...)
@@ -119,7 +117,7 @@ def measure(batch: int, length: int, dtype: str, quantize: str, checkpointing: b
     run = setup_training(model, loop, Path(tempfile.mkdtemp()), pad_id=tokenizer.pad_token_id,
                          vocab_size=model.config.vocab_size, echo=lambda _: None)
     if checkpointing:
-        _set_activation_checkpointing(model, True)
+        set_activation_checkpointing(model, True)
     use_fp32_attention(model)
     model.train()
     loaded = _status("VmRSS")
@@ -144,10 +142,10 @@ def planner_for(setting: tuple):
     """The Planner `lorafit estimate` builds for this setting on the default model, and its measured runtime."""
     import torch
 
-    from lorafit.models import load_config, resolve_model_folder
+    from lorafit.models.loading import load_config, resolve_model_folder
+    from lorafit.models.quantize import QuantizeSettings
     from lorafit.planner.plan import Planner, Setup
     from lorafit.planner.runtime import measure_runtime
-    from lorafit.quantize import QuantizeSettings
 
     batch, length, dtype, quantize, checkpointing, method, targets, r = setting
     folder = resolve_model_folder(None)

@@ -41,15 +41,15 @@ LARGE_BATCH, LARGE_LENGTH, LARGE_STEPS = 4, 128, 3
 
 def lorafit_default_precision() -> str:
     """What `lorafit train` runs the base in here without --dtype (its own rule)."""
-    from lorafit.models import default_dtype
+    from lorafit.models.dtypes import default_dtype
 
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}[default_dtype(torch.device("cpu"))]
 
 
 def load(precision: str):
     """The embedded model in fp32, bf16, or nf4 (bitsandbytes, fp32 compute) and its tokenizer."""
-    from lorafit.models import load_model_and_tokenizer
-    from lorafit.quantize import QuantizeSettings
+    from lorafit.models.loading import load_model_and_tokenizer
+    from lorafit.models.quantize import QuantizeSettings
 
     if precision == "nf4":
         return load_model_and_tokenizer(None, device="cpu", quantize=QuantizeSettings("nf4"))
@@ -123,8 +123,8 @@ def large_model(precision: str):
     """SmolLM2-1.7B's shape, seeded random weights, built layer by layer (nf4: each quantized at once)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorafit.models import resolve_model_folder
-    from lorafit.quantize import (
+    from lorafit.models.loading import resolve_model_folder
+    from lorafit.models.quantize import (
         QuantizeSettings,
         keep_weights_as_trained,
         quantize_model,
@@ -168,7 +168,7 @@ def large_model(precision: str):
 
 def large_child(side_name: str, precision: str) -> dict:
     import lorafit
-    from lorafit.data import TokenizedExample
+    from lorafit.data.tokenizing import TokenizedExample
 
     tokenizer = load_tokenizer()
     started = time.perf_counter()
@@ -210,7 +210,7 @@ def report(raw: dict) -> str:
         f"{raw['date']} · {raw['machine']} · `{raw['command']}` · {raw['minutes']:.1f} min", "",
         f"2048³ matmul: fp32 {peaks['fp32']} GFLOP/s, bf16 {peaks['bf16']} GFLOP/s (median (min–max) of 5 each, "
         "alternating). lorafit's default base dtype here: "
-        f"**{raw['default']}** (`lorafit.models.default_dtype`).", "",
+        f"**{raw['default']}** (`lorafit.models.dtypes.default_dtype`).", "",
         "## Throughput and loss, side by side (built-in task, batch 8, the loop's plan)", "",
         "| workload | lorafit | peft | tokens/s lorafit | tokens/s peft | ratio (median (min–max)) | max \\|Δ loss\\| | steps |",
         "|---|---|---|---|---|---|---|---|",

@@ -17,7 +17,7 @@ import contextlib
 import torch
 from common import LR, MAX_GRAD_NORM, SEED
 
-from lorafit.data import IGNORE_INDEX
+from lorafit.data.tokenizing import IGNORE_INDEX
 from lorafit.train.attention import use_fp32_attention
 from lorafit.train.gradients import StepGradients
 from lorafit.train.step import choose_collate, train_step, weights_are_finite
@@ -153,7 +153,7 @@ def copy_adapter_into_peft(peft_model, tensors: dict, adapter: str = "default") 
 
 def load_base(device: str = "cpu"):
     """The embedded SmolLM2-135M-Instruct in fp32 and its tokenizer."""
-    from lorafit.models import load_model_and_tokenizer
+    from lorafit.models.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None, device=device)
 
@@ -162,7 +162,7 @@ def load_tokenizer():
     """The embedded model's tokenizer alone (the bench's parent process stays small)."""
     from transformers import AutoTokenizer
 
-    from lorafit.models import resolve_model_folder
+    from lorafit.models.loading import resolve_model_folder
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_folder(None), local_files_only=True)
     if tokenizer.pad_token is None:  # as load_model_and_tokenizer does

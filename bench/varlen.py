@@ -95,7 +95,7 @@ def variable_length_conversations(n: int, seed: int, shortest: int = 16, longest
 
 def variable_length_examples(tokenizer, n: int, seed: int, max_length: int = 1024) -> list:
     """Tokenised examples (lorafit's TokenizedExample); those over max_length are dropped, not cut."""
-    from lorafit.data import build_dataset
+    from lorafit.data.tokenizing import build_dataset
 
     examples, _ = build_dataset(tokenizer, variable_length_conversations(n, seed, longest=max_length),
                                 max_length, overflow="skip")

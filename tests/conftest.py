@@ -56,7 +56,7 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.5):
 
 def random_examples(count: int, seed: int = 0, lengths: tuple = (3, 15), vocab: int = 64) -> list:
     """Random token sequences whose first half is masked prompt: training data for loop/batching tests."""
-    from lorafit.data import IGNORE_INDEX, TokenizedExample
+    from lorafit.data.tokenizing import IGNORE_INDEX, TokenizedExample
 
     generator = torch.Generator().manual_seed(seed)
     examples = []
@@ -115,8 +115,8 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_smollm(tmp_path_factory) -> Path:
-    """A tiny float Llama with the embedded model's real tokenizer (tests/export/conftest.write_tiny_smollm)."""
-    from tests.export.conftest import write_tiny_smollm
+    """A tiny float Llama with the embedded model's real tokenizer (tests/formats/conftest.write_tiny_smollm)."""
+    from tests.formats.conftest import write_tiny_smollm
 
     return write_tiny_smollm(tmp_path_factory.mktemp("tiny-smollm"))
 
@@ -125,7 +125,7 @@ def tiny_smollm(tmp_path_factory) -> Path:
 def trained_default_run(tmp_path_factory) -> Path:
     """`lorafit train` with no arguments but --output (what `make demo` runs: ~3 min on 2 cores), trained once
     for the tests that need its adapter (the demo's figures, the GGUF export checked in llama.cpp)."""
-    from lorafit.cli import main
+    from lorafit.cli.main import main
 
     run = tmp_path_factory.mktemp("default-run") / "demo"
     assert main(["train", "--output", str(run)]) == 0
@@ -133,7 +133,7 @@ def trained_default_run(tmp_path_factory) -> Path:
 
 
 # Sizes that are multiples of 64: 4-bit layers with other input sizes stay float on CPU
-# (lorafit.quantize.kept_float_on_cpu), which would leave little of the tiny models above quantized.
+# (lorafit.models.quantize.kept_float_on_cpu), which would leave little of the tiny models above quantized.
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=128)
 
 

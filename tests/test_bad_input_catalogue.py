@@ -1,6 +1,6 @@
 """The bad-input catalogue (README "Errors"): each mistake gives exit code 1 and one line naming the place.
 
-Run through the real command line (`lorafit.cli.main`) on a tiny model folder, so what is tested is
+Run through the real command line (`lorafit.cli.main.main`) on a tiny model folder, so what is tested is
 what a user sees.
 """
 
@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import lorafit
-from lorafit.cli import main
-from lorafit.tasks import generate_date_task
+from lorafit.cli.main import main
+from lorafit.data.tasks import generate_date_task
 from tests.conftest import write_tiny_chat_model
 
 

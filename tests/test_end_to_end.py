@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lorafit
-from lorafit.cli import main
+from lorafit.cli.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_a_few_steps_on_the_default_model_then_merge_eval_generate(tmp_path, cap
     merged_dir = tmp_path / "merged"
     assert main(["merge", "--adapter", str(run / "adapter"), "--output", str(merged_dir)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    from lorafit.models import load_model_and_tokenizer
+    from lorafit.models.loading import load_model_and_tokenizer
 
     base, tokenizer = load_model_and_tokenizer(None)
     lorafit.load_adapter(base.eval(), run / "adapter")

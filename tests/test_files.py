@@ -8,9 +8,9 @@ from safetensors import SafetensorError
 
 import lorafit
 from lorafit import LoraConfig, LorafitError
-from lorafit import io as lorafit_io
 from lorafit.files import apply_default_permissions, explain_write_errors
-from tests.conftest import randomize_adapters, tiny_llama, mounted_tmpfs
+from lorafit.formats import peft as lorafit_io
+from tests.conftest import mounted_tmpfs, randomize_adapters, tiny_llama
 
 NAMES = ["adapter_config.json", "adapter_model.safetensors"]
 

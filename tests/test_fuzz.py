@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import lorafit
+from lorafit.data.records import load_examples
 from lorafit.errors import LorafitError
-from lorafit.records import load_examples
 from tests.conftest import randomize_adapters, tiny_llama
 
 json_values = st.recursive(

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,3 +138,27 @@ def write_text(target: str | os.PathLike, text: str) -> None:
 
 def write_json(target: str | os.PathLike, value, sort_keys: bool = True) -> None:
     write_text(target, json.dumps(value, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or somewhere under it (both resolved: links and '..' followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, before a model is loaded, if `folder` cannot be created or written."""
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            raise LorafitError(f"--output {folder}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under {existing}, which is a file"
+        raise LorafitError(f"--output {folder} {where}; give a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".lorafit-write-check-", dir=existing)
+    except OSError as err:
+        reason = USER_FIXABLE.get(err.errno, err.strerror)
+        raise LorafitError(f"--output {folder}: cannot write in {existing}: {reason}") from None
+    os.rmdir(probe)

@@ -10,7 +10,7 @@ from torch import nn
 
 import lorafit
 from lorafit import FusedSlices, LoraConfig, LorafitError
-from lorafit.lora import LoraEmbedding, LoraLinear
+from lorafit.methods.lora import LoraEmbedding, LoraLinear
 from tests.conftest import randomize_adapters, tiny_gpt2, tiny_llama, tiny_neox
 
 

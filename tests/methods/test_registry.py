@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 import lorafit
-from lorafit.base_layer import linear_base, linear_types
-from lorafit.config import Targets, check_selection
+from lorafit.core.base_layer import linear_base, linear_types
+from lorafit.core.registry import Method
+from lorafit.core.selection import Targets, check_selection
+from lorafit.core.targeting import portable_targets, select_modules
+from lorafit.core.wrapper import AdapterWrapper
 from lorafit.methods import MethodEntry, entry_for, method_of, register, unregister
-from lorafit.methods.registry import Method
-from lorafit.targeting import portable_targets, select_modules
-from lorafit.wrapper import AdapterWrapper
 from tests.conftest import tiny_llama
 
 
@@ -151,7 +151,7 @@ def test_a_file_of_an_unregistered_method_is_refused_by_name(gate_method, tmp_pa
 
 def test_a_name_is_registered_once():
     with pytest.raises(lorafit.LorafitError, match="'dora' is already registered"):
-        register(MethodEntry("dora", "lorafit.methods.lora"))
+        register(MethodEntry("dora", "lorafit.methods.lora.method"))
     assert entry_for("dora").name == "lora"
     with pytest.raises(lorafit.LorafitError, match=r"method 'lorra' is unknown \(did you mean lora\?\)"):
         entry_for("lorra")

@@ -4,9 +4,9 @@ import json
 
 import yaml
 
-from lorafit.cli import main
+from lorafit.cli.main import main
+from lorafit.data.tasks import generate_date_task
 from lorafit.planner import auto_batch
-from lorafit.tasks import generate_date_task
 
 
 def _data(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorafit.errors import LorafitError
-from lorafit.methods.lora import LoraConfig
+from lorafit.methods.lora.method import LoraConfig
 from lorafit.planner.fake_model import build_fake_model, fake_mode
 from lorafit.planner.plan import Planner, Setup, Workload
 from lorafit.planner.simulate import simulate_steps
@@ -20,7 +20,7 @@ from lorafit.train.step import layout_collate
 from tests.conftest import tiny_gpt2, tiny_llama, tiny_neox
 
 REPO = Path(__file__).resolve().parents[2]
-LLAMA_7B = REPO / "tests" / "data" / "llama-7b-config.json"
+LLAMA_7B = REPO / "tests" / "fixtures" / "llama-7b-config.json"
 
 
 def test_live_bytes_counts_new_storages_once_and_frees_them():
@@ -62,7 +62,7 @@ def test_fake_step_counts_what_the_real_step_allocates(name, layout):
     collate = layout_collate(0, row_tokens, packed=True, shared_prefix=layout == "shared_prefix")
     settings = LoopSettings(steps=1, batch_size=batch, gradient_checkpointing=layout == "checkpointing")
     adapter = LoraConfig(r=4, dropout=0.0)
-    from lorafit.adapters import attach
+    from lorafit.core.adapters import attach
 
     real.requires_grad_(False)
     attach(real, adapter)
@@ -95,9 +95,9 @@ def test_extrapolation_from_two_layers_equals_the_whole_model():
 def test_quantized_stand_in_allocates_what_bitsandbytes_does():
     """nf4 through bitsandbytes on real weights vs the planner's stand-in: the step's tensor peak within 3%."""
     pytest.importorskip("bitsandbytes")
-    from lorafit.adapters import attach
+    from lorafit.core.adapters import attach
+    from lorafit.models.quantize import QuantizeSettings, quantize_model
     from lorafit.planner.fake_model import quantize_fake_model
-    from lorafit.quantize import QuantizeSettings, quantize_model
 
     settings = QuantizeSettings("nf4", compute_dtype=torch.float32)
     real = tiny_llama(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
@@ -124,7 +124,7 @@ def test_quantized_stand_in_allocates_what_bitsandbytes_does():
 def test_seed_scenario_llama_7b_on_32_gib():
     """The seed's llama-7B, LoRA r=8 on q,v, 340 tokens: weights and adapter exact, batch 1-4 the same peak;
     in fp16 the loop's bf16 autocast keeps a bf16 copy of every frozen weight, in bf16 it does not."""
-    from lorafit.models import load_config
+    from lorafit.models.loading import load_config
 
     config = load_config(LLAMA_7B)
     qv = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
@@ -162,7 +162,7 @@ def test_impossible_workloads_are_refused(workload, message):
 
 
 def _lorafit(*args, timeout=600):
-    command = [sys.executable, "-c", "import sys; from lorafit.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    command = [sys.executable, "-c", "import sys; from lorafit.cli.main import main; sys.exit(main(sys.argv[1:]))", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.data import IGNORE_INDEX, TokenizedExample
+from lorafit.data.tokenizing import IGNORE_INDEX, TokenizedExample
 from lorafit.train.batching import (
     collate_packed,
     collate_padded,
@@ -243,7 +243,7 @@ def test_gradient_checkpointing_recomputes_masked_attention_with_the_shapes_it_s
     # Checkpointed layers run their forward again during backward, outside forward_hidden; with grouped
     # key/value heads (4 query, 2 key/value) under a mask, keeping them grouped in the first pass only
     # made the recomputed keys/values a different shape and backward failed (CheckpointError).
-    from lorafit.train.loop import _set_activation_checkpointing
+    from lorafit.train.setup import set_activation_checkpointing
 
     model = tiny_llama()
     lorafit.attach(model, LoraConfig(r=4, dropout=0.0, target_modules="all-linear"))
@@ -254,10 +254,10 @@ def test_gradient_checkpointing_recomputes_masked_attention_with_the_shapes_it_s
     plain.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    _set_activation_checkpointing(model, True)
+    set_activation_checkpointing(model, True)
     checkpointed = summed_token_loss(model, batch)
     checkpointed.backward()
-    _set_activation_checkpointing(model, False)
+    set_activation_checkpointing(model, False)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     assert abs(checkpointed.item() - plain.item()) <= 1e-6 * plain.item()
     for name, parameter in model.named_parameters():

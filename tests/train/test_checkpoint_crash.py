@@ -13,7 +13,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 import lorafit
 from lorafit import LoraConfig
-from lorafit.train.checkpoint import list_checkpoints, load_checkpoint
+from lorafit.train.checkpoint import list_checkpoints, read_checkpoint, restore_checkpoint
 from tests.conftest import tiny_llama
 
 CHILD = textwrap.dedent("""
@@ -63,7 +63,7 @@ def test_sigkill_during_saves_leaves_the_previous_checkpoints_intact(tmp_path, s
     assert checkpoints
     for checkpoint in checkpoints:
         model, names, optimizer, scheduler = _fresh()
-        position = load_checkpoint(checkpoint, model, "default", optimizer, scheduler, names)
+        position = restore_checkpoint(read_checkpoint(checkpoint), model, optimizer, scheduler, names)
         assert position.step == int(checkpoint.name.split("-")[1])
     if (tmp_path / "adapter" / "adapter_config.json").exists():
         lorafit.load_adapter(tiny_llama(), tmp_path / "adapter")

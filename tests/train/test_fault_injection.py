@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.cli import main
-from lorafit.tasks import generate_date_task
+from lorafit.cli.main import main
+from lorafit.data.tasks import generate_date_task
 from lorafit.train.checkpoint import list_checkpoints
 
 CHILD = textwrap.dedent("""
@@ -47,9 +47,9 @@ CHILD = textwrap.dedent("""
         import lorafit.train.checkpoint as target
         target.save_file = kill_on_call(target.save_file, after=True)
     elif mode == "adapter":  # while an adapter (a checkpoint's or the final one) is written
-        import lorafit.io as target
+        import lorafit.formats.peft as target
         target.save_file = kill_on_call(target.save_file, after=True)
-    from lorafit.cli import main
+    from lorafit.cli.main import main
     sys.exit(main(sys.argv[2:]))
 """)
 

@@ -9,7 +9,7 @@ import torch
 
 import lorafit
 from lorafit import LoraConfig, LorafitError
-from lorafit.data import IGNORE_INDEX, TokenizedExample
+from lorafit.data.tokenizing import IGNORE_INDEX, TokenizedExample
 from lorafit.train.checkpoint import list_checkpoints
 from lorafit.train.loop import LoopSettings, train
 from tests.conftest import random_examples, tiny_llama
@@ -74,8 +74,8 @@ def test_accumulation_weights_every_label_token_equally(tmp_path):
 
 def test_lora_plus_gives_b_its_own_learning_rate(tmp_path):
     from lorafit.methods import LoraOptions
-    from lorafit.methods.lora import learning_rate_ratios
-    from lorafit.train.loop import parameter_groups
+    from lorafit.methods.lora.method import learning_rate_ratios
+    from lorafit.train.setup import parameter_groups
 
     ratios = learning_rate_ratios(LoraOptions(lora_plus_ratio=16))  # the method says which tensors LoRA+ speeds up
     groups, names = parameter_groups(_model(), LoopSettings(steps=1, lr=1e-3, lr_ratios=ratios))
@@ -221,7 +221,7 @@ def test_compiled_body_trains_like_the_eager_loop(tmp_path, gradient_checkpointi
 
 
 def test_compile_on_cpu_without_a_cxx_compiler_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("lorafit.train.loop.shutil.which", lambda name: None)
+    monkeypatch.setattr("lorafit.train.setup.shutil.which", lambda name: None)
     with pytest.raises(LorafitError, match=r"--compile on CPU needs a C\+\+ compiler"):
         _train(tmp_path, steps=1, compile_backend="inductor")
     assert not (tmp_path / "log.jsonl").exists()  # refused before the run folder was written to
@@ -232,7 +232,7 @@ def test_the_schedule_gives_transformers_multipliers_step_for_step(warmup, total
     """lorafit's own warm-up + cosine schedule against transformers' (the oracle, imported here only)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from lorafit.train.loop import warmup_cosine_schedule
+    from lorafit.train.setup import warmup_cosine_schedule
 
     def lrs(make) -> list:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
@@ -251,7 +251,7 @@ def test_training_imports_neither_peft_nor_bitsandbytes(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from lorafit.train.loop import train; import lorafit.commands.train; "
+    code = ("import sys; from lorafit.train.loop import train; import lorafit.cli.train; "
             "print(sorted(m for m in ('peft', 'bitsandbytes', 'transformers.trainer_utils') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.base_layer import linear_base, linear_types
-from lorafit.config import Targets, check_selection
+from lorafit.core.base_layer import linear_base, linear_types
+from lorafit.core.registry import Method
+from lorafit.core.selection import Targets, check_selection
+from lorafit.core.targeting import bias_types, portable_targets, select_modules
+from lorafit.core.wrapper import AdapterWrapper
 from lorafit.errors import LorafitError
-from lorafit.methods.registry import Method
-from lorafit.targeting import bias_types, portable_targets, select_modules
-from lorafit.wrapper import AdapterWrapper
 
 
 @dataclass
@@ -257,4 +257,5 @@ METHOD = Method(
     name="bitfit", config_class=BitFitConfig, peft_type="BITFIT", wrappers=(BitFitWrapper,), select=select,
     wrap=wrap, add=add, file_config=file_config, config_from_file=config_from_file, file_keys=FILE_KEYS,
     required_file_keys=("target_modules",), from_options=from_options,
+    gguf_adapter=lambda config: "a BitFit adapter (bias updates)",
 )

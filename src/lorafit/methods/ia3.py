@@ -14,17 +14,17 @@ from typing import Union
 import torch
 from torch import nn
 
-from lorafit.base_layer import linear_types
-from lorafit.config import Targets, check_module_list, check_selection, parse_targets
-from lorafit.errors import LorafitError
-from lorafit.methods.registry import Method
-from lorafit.targeting import (
+from lorafit.core.base_layer import linear_types
+from lorafit.core.registry import Method
+from lorafit.core.selection import Targets, check_module_list, check_selection, parse_targets
+from lorafit.core.targeting import (
     matches_selection,
     portable_targets,
     select_modules,
     short_names,
 )
-from lorafit.wrapper import AdapterWrapper, LinearAdapterWrapper
+from lorafit.core.wrapper import AdapterWrapper, LinearAdapterWrapper
+from lorafit.errors import LorafitError
 
 
 @dataclass
@@ -201,4 +201,5 @@ METHOD = Method(
     file_config=file_config, config_from_file=config_from_file,
     file_keys=frozenset({"peft_type", "target_modules", "feedforward_modules", "exclude_modules"}),
     required_file_keys=("target_modules",), from_options=from_options,
+    gguf_adapter=lambda config: "a IA3 adapter (scaling vectors)",
 )

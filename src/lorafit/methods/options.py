@@ -2,13 +2,14 @@
 
 Kept apart from the methods' modules (which import torch) so that `lorafit train --help` lists them
 at once. Each field is a flag (`--lora-plus-ratio`) and a YAML key (`lora_plus_ratio`); its docstring
-is the help. The train command refuses a flag of another method than the one chosen.
+is the help; `RANGES` says which values each may take. The train command refuses a flag of another method
+than the one chosen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 
 @dataclass
@@ -28,6 +29,9 @@ class LoraOptions:
     """LoRA/DoRA initialisation; pissa starts from the weights' top singular vectors."""
     lora_plus_ratio: float = 1.0
     """LoRA+: lora_B's learning rate is this times lora_A's (the paper suggests 16; 1 is plain LoRA)."""
+
+    # checked before anything loads (lorafit.core.registry.check_ranges)
+    RANGES: ClassVar[dict] = {"r": ">= 1", "alpha": "> 0", "dropout": "[0, 1)", "lora_plus_ratio": "> 0"}
 
 
 @dataclass

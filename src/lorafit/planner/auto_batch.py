@@ -105,3 +105,31 @@ def confirm_on_cuda(model, examples: list, batch_size: int, seed: int, collate: 
                                    "--quantize nf4 or a shorter --max-length") from None
             batch_size //= 2
             echo(f"batch size auto: the probe step ran out of GPU memory; trying {batch_size}")
+
+
+def auto_batch_size(model, adapter, examples: list, *, dtype: str, gradient_checkpointing: bool, row_tokens: int,
+                    seed: int, trust_remote_code: bool = False, echo: Callable[[str], None] = print) -> int:
+    """`--batch-size auto` for a loaded `model` (no adapter yet) and the method config `adapter` it will get:
+    the planner's choice for these tokenised `examples`, on CUDA confirmed by one real step."""
+    from lorafit.core.adapters import attach, unload
+    from lorafit.models.dtypes import parse_dtype
+    from lorafit.models.quantize import quantization_of
+    from lorafit.planner.plan import Setup
+    from lorafit.planner.runtime import layout_of
+    from lorafit.train.step import layout_collate
+
+    device = next(model.parameters()).device
+    setup = Setup(adapter, parse_dtype(dtype), quantization_of(model), gradient_checkpointing, row_tokens,
+                  device.type)
+    planner = Planner(model.config, setup, layout=layout_of(model.config, trust_remote_code),
+                      trust_remote_code=trust_remote_code)
+    batch = choose_batch_size(planner, examples, seed, device, echo)
+    if device.type == "cuda" and torch.cuda.is_available():
+        collate = layout_collate(0, row_tokens, packed=planner.packed,
+                                 shared_prefix=planner.shared_prefix and not gradient_checkpointing)
+        attach(model, adapter)
+        try:
+            batch = confirm_on_cuda(model, examples, batch, seed, collate, echo)
+        finally:
+            unload(model)
+    return batch

@@ -15,12 +15,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from lorafit.core.module_tree import replace_module
 from lorafit.errors import LorafitError
-from lorafit.quantize import (
+from lorafit.models.quantize import (
     BLOCK_SIZE,
     QuantizeSettings,
     layers_to_quantize,
-    replace_submodule,
 )
 
 # bitsandbytes' double quantization: the block scales quantized to 8 bits in blocks of 256
@@ -103,5 +103,5 @@ def quantize_fake_model(model: nn.Module, settings: QuantizeSettings, compute_dt
     chosen, kept = layers_to_quantize(model, settings, torch.device("cpu"))
     with mode:
         for path, module in chosen:
-            replace_submodule(model, path, QuantizedStandIn(module, settings, compute_dtype))
+            replace_module(model, path, QuantizedStandIn(module, settings, compute_dtype))
     return [path for path, _ in chosen], kept

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorafit.data import IGNORE_INDEX, TokenizedExample
+from lorafit.data.tokenizing import IGNORE_INDEX, TokenizedExample
 from lorafit.errors import LorafitError
+from lorafit.models.quantize import QuantizeSettings
 from lorafit.planner.fake_model import (
     QuantizedStandIn,
     build_fake_model,
@@ -46,7 +47,6 @@ from lorafit.planner.fake_model import (
     quantize_fake_model,
 )
 from lorafit.planner.simulate import StepMemory, simulate_steps
-from lorafit.quantize import QuantizeSettings
 from lorafit.train.loop import LoopSettings
 from lorafit.train.step import layout_collate
 
@@ -181,7 +181,7 @@ class Planner:
             if setup.adapter is None:
                 model.requires_grad_(True)
             else:
-                from lorafit.adapters import attach
+                from lorafit.core.adapters import attach
 
                 attach(model, setup.adapter)
         if setup.quantize is not None:

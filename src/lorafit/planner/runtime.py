@@ -79,7 +79,7 @@ def measure_runtime(device: str, model_folder: Path | None, quantized: bool = Fa
             tokenizer = 0
     bitsandbytes = 0
     if quantized:
-        from lorafit.quantize import import_bitsandbytes
+        from lorafit.models.quantize import import_bitsandbytes
 
         start = resident_bytes()
         import_bitsandbytes()

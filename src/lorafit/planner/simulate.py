@@ -29,17 +29,14 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lorafit.data import IGNORE_INDEX, TokenizedExample
+from lorafit.data.tokenizing import IGNORE_INDEX, TokenizedExample
 from lorafit.planner.tracker import LiveBytes
 from lorafit.train.attention import use_fp32_attention
 from lorafit.train.batching import Batch, collate_alone
 from lorafit.train.gradients import StepGradients
-from lorafit.train.loop import (
-    LoopSettings,
-    _set_activation_checkpointing,
-    parameter_groups,
-)
-from lorafit.train.step import accumulate_gradients
+from lorafit.train.loop import LoopSettings
+from lorafit.train.setup import parameter_groups, set_activation_checkpointing
+from lorafit.train.step import accumulate_gradients, clip_and_step
 
 PLANNER_ATTENTION = "lorafit_planner"
 
@@ -110,21 +107,57 @@ def _tiny_piece(model: nn.Module) -> Batch:
     return collate_alone(TokenizedExample(ids, [IGNORE_INDEX, 2, 3, 4]))
 
 
+class _Marks:
+    """Hooks that note the live bytes after each decoder layer, at the body's start and end, and the loss's own
+    peak (from the body's end to the start of the last layer's backward), for the piece being run."""
+
+    def __init__(self, model: nn.Module, tracker: LiveBytes) -> None:
+        self.tracker, self.layers = tracker, _decoder_layers(model) or []
+        self.after_layer: list[int] = []
+        self.body_end: list[int] = []
+        self.loss: list[int] = []
+        body = getattr(model, "base_model", model)
+        self.hooks = [layer.register_forward_hook(lambda *_: self.after_layer.append(tracker.live))
+                      for layer in self.layers]
+        self.hooks.append(body.register_forward_pre_hook(lambda *_: self.body_end.append(tracker.live)))
+        self.hooks.append(body.register_forward_hook(self._body_done))
+        if self.layers:
+            self.hooks.append(self.layers[-1].register_full_backward_pre_hook(self._backward_starts))
+
+    def _body_done(self, *_) -> None:  # the loss starts: its own peak is counted from here
+        self.body_end.append(self.tracker.live)
+        self.loss.append(self.tracker.peak)
+        self.tracker.reset_peak()
+
+    def _backward_starts(self, *_) -> None:  # the loss is done (its backward is a scalar multiplication)
+        self.loss.append(self.tracker.peak)
+        self.tracker.peak = max(self.tracker.peak, self.loss[0])
+
+    def clear(self) -> None:
+        self.after_layer.clear()
+        self.body_end.clear()
+        self.loss.clear()
+
+    def described(self) -> StepMemory:
+        """The piece just run: its saved activations, per decoder layer, and the loss's own peak."""
+        start, end = self.body_end[0], self.body_end[1]
+        marks = [start] + self.after_layer[: len(self.layers)]
+        return StepMemory(0, end - start, [b - a for a, b in zip(marks, marks[1:])],
+                          loss_peak=self.loss[1] - end if len(self.loss) > 1 else 0)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
 def simulate_steps(model: nn.Module, mode, pieces: list[Batch], settings: LoopSettings, *,
                    autocast_dtype: torch.dtype | None = None, on_cpu: bool = True) -> StepMemory:
     """Two optimizer steps on the fake `model`: a tiny one (AdamW's states appear), then `pieces` (one
     micro-batch's forward calls), whose peak is the one every later step repeats. Pieces of equal shapes
     are run once (they allocate the same); the largest runs first and is the one described per layer."""
     pieces = sorted(_distinct(pieces), key=lambda p: -p.inputs["input_ids"].numel())
-    already = list(model.parameters()) + list(model.buffers())
-    tracker = LiveBytes(already)
-    layers = _decoder_layers(model)
-    after_layer: list[int] = []
-    hooks = [layer.register_forward_hook(lambda *_: after_layer.append(tracker.live)) for layer in layers or []]
-    body = getattr(model, "base_model", model)
-    body_end: list[int] = []
-    hooks.append(body.register_forward_pre_hook(lambda *_: body_end.append(tracker.live)))
-
+    tracker = LiveBytes(list(model.parameters()) + list(model.buffers()))
+    marks = _Marks(model, tracker)
     previous = use_fp32_attention(model) if on_cpu else None
     inner = model.config._attn_implementation
     planner_attention = getattr(model, "_supports_attention_backend", False)
@@ -132,27 +165,13 @@ def simulate_steps(model: nn.Module, mode, pieces: list[Batch], settings: LoopSe
         model.set_attn_implementation(PLANNER_ATTENTION)
     _attention.inner, _attention.tracker = inner, tracker
     if settings.gradient_checkpointing:
-        _set_activation_checkpointing(model, True)
+        set_activation_checkpointing(model, True)
     autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     groups, _ = parameter_groups(model, settings)
     parameters = [p for group in groups for p in group["params"]]
     largest = StepMemory(0, 0)
     tiny = _tiny_piece(model)  # real token ids, made before the fake mode (which cannot read values)
     single = {id(piece): planner_attention and _is_single_sequence(piece) for piece in [tiny, *pieces]}
-    loss_marks: list[int] = []
-
-    def body_done(*_):  # the loss starts: its own peak is counted from here
-        body_end.append(tracker.live)
-        loss_marks.append(tracker.peak)
-        tracker.reset_peak()
-
-    def backward_starts(*_):  # the loss is done (its backward is a scalar multiplication)
-        loss_marks.append(tracker.peak)
-        tracker.peak = max(tracker.peak, loss_marks[0])
-
-    hooks.append(body.register_forward_hook(body_done))
-    if layers:
-        hooks.append(layers[-1].register_full_backward_pre_hook(backward_starts))
     try:
         model.train()
         with mode, tracker, autocast, warnings.catch_warnings():
@@ -166,26 +185,18 @@ def simulate_steps(model: nn.Module, mode, pieces: list[Batch], settings: LoopSe
                 step_labels = sum(piece.label_tokens for piece in step_pieces)
                 gradients.lend()
                 for index, piece in enumerate(step_pieces):
-                    after_layer.clear()
-                    body_end.clear()
-                    loss_marks.clear()
+                    marks.clear()
                     _attention.single_sequence = single[id(piece)]
                     accumulate_gradients(model, [piece], step_labels)
                     if step_pieces is pieces and index == 0:
-                        start, end = body_end[0], body_end[1]
-                        marks = [start] + after_layer[: len(layers or [])]
-                        largest = StepMemory(0, end - start, [b - a for a, b in zip(marks, marks[1:])],
-                                             loss_peak=loss_marks[1] - end if len(loss_marks) > 1 else 0)
+                        largest = marks.described()
                 gradients.drop_unreached()
-                torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                clip_and_step(parameters, optimizer, settings.max_grad_norm)
             largest.peak = tracker.peak
     finally:
-        for hook in hooks:
-            hook.remove()
+        marks.remove()
         if settings.gradient_checkpointing:
-            _set_activation_checkpointing(model, False)
+            set_activation_checkpointing(model, False)
         if planner_attention:
             model.set_attn_implementation(inner)
         if previous is not None:

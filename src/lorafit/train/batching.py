@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafit.data import IGNORE_INDEX
+from lorafit.data.tokenizing import IGNORE_INDEX
 
 
 @dataclass

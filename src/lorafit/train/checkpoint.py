@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.errors import LorafitError
 from lorafit.files import apply_default_permissions, explain_write_errors, write_json
-from lorafit.io import save_adapter
+from lorafit.formats.peft import save_adapter
 
 STATE_NAME = "trainer_state.json"
 TRAINING_STATE_NAME = "training_state.safetensors"
@@ -187,8 +187,7 @@ def read_checkpoint(checkpoint: Path) -> CheckpointState:
         state = json.loads((checkpoint / STATE_NAME).read_text(encoding="utf-8"))
         _check_state(state)
         if not (checkpoint / TRAINING_STATE_NAME).is_file():
-            raise ValueError(f"no {TRAINING_STATE_NAME} (written by lorafit 0.1, whose checkpoints cannot be "
-                             "resumed by this version)")
+            raise ValueError(f"no {TRAINING_STATE_NAME}")
         parameters = load_file(str(checkpoint / TRAINING_STATE_NAME))
         optimizer_tensors = load_file(str(checkpoint / OPTIMIZER_NAME))
         rng = load_file(str(checkpoint / RNG_NAME))
@@ -256,8 +255,3 @@ def restore_checkpoint(
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return read.position
-
-
-def load_checkpoint(checkpoint: Path, model, adapter_name: str, optimizer, scheduler, parameter_names) -> Position:
-    """read_checkpoint + restore_checkpoint (`adapter_name` is kept for callers; parameters go by name)."""
-    return restore_checkpoint(read_checkpoint(checkpoint), model, optimizer, scheduler, parameter_names)

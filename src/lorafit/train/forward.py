@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafit.data import IGNORE_INDEX
+from lorafit.data.tokenizing import IGNORE_INDEX
 from lorafit.train.batching import collate_shared_prefix
 
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"

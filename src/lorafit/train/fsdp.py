@@ -23,23 +23,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lorafit.data import IGNORE_INDEX
+from lorafit.data.tokenizing import IGNORE_INDEX
 from lorafit.errors import LorafitError
 from lorafit.heap import free_large_blocks_at_once
 from lorafit.train.batching import Batch
 from lorafit.train.distributed import Ranks, collective
 
 
-def check_fsdp_settings(*, quantized: bool, compile: bool, method: str) -> None:
+def check_fsdp_settings(*, quantized: bool, compile: bool, method) -> None:
     """Refuse, in one line, the settings FSDP2 cannot shard here (checked before any process is started)."""
     if quantized:
         raise LorafitError("--strategy fsdp with --quantize: FSDP2 does not shard bitsandbytes' 4/8-bit weights; "
                            "use --strategy ddp (each process holds the quantized base) or a bf16 base with fsdp")
     if compile:
         raise LorafitError("--strategy fsdp with --compile is not supported; leave one of them out")
-    if method == "bitfit":
-        raise LorafitError("--strategy fsdp with BitFit: its saved file holds each trained bias added to the base's, "
-                           "which FSDP shards; use --strategy ddp")
+    if method.fsdp_refusal:  # `method`: its registry entry (lorafit.core.registry.MethodEntry)
+        raise LorafitError(f"--strategy fsdp with {method.title}: {method.fsdp_refusal}; use --strategy ddp")
 
 
 def check_processes(ranks: Ranks | None) -> None:

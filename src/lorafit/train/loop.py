@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
-import random
-import shutil
 import signal
 import time
 import warnings
@@ -27,31 +23,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from lorafit.adapters import wrappers
 from lorafit.errors import LorafitError
-from lorafit.files import atomic_path
 from lorafit.heap import release_freed_memory
 from lorafit.train.attention import use_fp32_attention
 from lorafit.train.batching import Batch, plan_batches
-from lorafit.train.checkpoint import (
-    Position,
-    list_checkpoints,
-    read_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from lorafit.train.checkpoint import Position, list_checkpoints, save_checkpoint
 from lorafit.train.distributed import Ranks, any_rank, share
-from lorafit.train.gradients import StepGradients
-from lorafit.train.loss import head_and_body
-from lorafit.train.step import (
-    StepResult,
-    choose_collate,
-    train_step,
-    weights_are_finite,
+from lorafit.train.setup import (
+    COMPILE_BACKEND,
+    TrainingSetup,
+    check_compile,
+    set_activation_checkpointing,
+    setup_training,
 )
+from lorafit.train.step import StepResult, train_step, weights_are_finite
+
+__all__ = ["COMPILE_BACKEND", "LoopSettings", "TrainResult", "check_compile", "train"]
 
 
 @dataclass
@@ -88,24 +77,13 @@ class TrainResult:
     start_step: int = 0  # where this call started: 0, or the checkpoint's step when resumed
 
 
-def train(
-    model,
-    examples: list,
-    settings: LoopSettings,
-    run_dir: Path,
-    *,
-    pad_id: int,
-    vocab_size: int,
-    adapter_name: str = "default",
-    evaluate: Callable[[], dict] | None = None,
-    resume: Path | None = None,
-    base_model: dict | None = None,
-    echo: Callable[[str], None] = print,
-    ranks: Ranks | None = None,
-) -> TrainResult:
+def train(model, examples: list, settings: LoopSettings, run_dir: Path, *, pad_id: int, vocab_size: int,
+          adapter_name: str = "default", evaluate: Callable[[], dict] | None = None, resume: Path | None = None,
+          base_model: dict | None = None, echo: Callable[[str], None] = print, ranks: Ranks | None = None,
+          ) -> TrainResult:
     """Train the model's trainable parameters on tokenised `examples`; checkpoints go to run_dir/checkpoints.
 
-    `resume` is a checkpoint folder to continue from; `base_model` (lorafit.identity) is recorded in
+    `resume` is a checkpoint folder to continue from; `base_model` (lorafit.models.identity) is recorded in
     every checkpoint's adapter so it names the model it was made for. `ranks`: under torchrun, this
     process's place (lorafit.train.distributed): it trains on its share of every step, and only rank 0
     writes the log, the checkpoints and the progress bar.
@@ -118,7 +96,7 @@ def train(
     stream = _micro_batches([len(e.input_ids) for e in examples], settings, position)
     result = TrainResult(steps_done=position.step, start_step=position.step)
     if settings.gradient_checkpointing:
-        _set_activation_checkpointing(model, True)
+        set_activation_checkpointing(model, True)
     started = time.perf_counter()
     previous_attention = use_fp32_attention(model)  # bf16 on CPU: attention in fp32 (train/attention.py)
     try:
@@ -133,18 +111,10 @@ def train(
                 step = train_step(model, micro, run.parameters, run.optimizer, settings.max_grad_norm,
                                   run.scheduler, body=run.body, ranks=ranks, gradients=run.gradients)
                 position.step += 1
-                if step.applied:
-                    if not weights_are_finite(run.parameters):
-                        raise _nonfinite_weights_error(position.step, run.optimizer, checkpoints)
-                    record = _step_record(step, position.step, run.scheduler, time.perf_counter() - step_started)
-                    result.losses.append(step.loss)
-                    result.real_tokens += step.real_tokens
-                    bar.set_postfix(loss=f"{step.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                else:  # stops here unless on_nonfinite="skip"
-                    record = _skip_or_stop(step, position.step, settings.on_nonfinite, run.scheduler,
-                                           checkpoints, echo)
-                    result.skipped_steps += 1
+                record = _account(step, run, settings, position.step, step_started, result, checkpoints, echo)
                 bar.update(1)
+                if step.applied:
+                    bar.set_postfix(loss=f"{step.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
                 finished = position.step == settings.steps
                 if finished and result.skipped_steps == position.step - result.start_step:
@@ -168,60 +138,13 @@ def train(
                         break
     finally:  # also after an error: the caller's model must not stay in checkpointing (or training) mode
         if settings.gradient_checkpointing:
-            _set_activation_checkpointing(model, False)
+            set_activation_checkpointing(model, False)
         model.eval()
         if previous_attention is not None:
             model.set_attn_implementation(previous_attention)
     result.steps_done = position.step
     result.seconds = time.perf_counter() - started
     return result
-
-
-@dataclass
-class TrainingSetup:
-    """What the loop runs with; `setup_training` builds it."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    parameters: list[torch.Tensor]  # the trainable ones, in `parameter_names` order
-    parameter_names: list[str]  # the order checkpoints store the optimizer state in
-    position: Position  # where the steps start: the beginning, or the resumed checkpoint's position
-    collate: Callable[[list], list[Batch]]  # a micro-batch's examples → its forward calls
-    body: torch.nn.Module | None  # the torch.compile'd model body; None runs the model's own
-    gradients: StepGradients  # the parameters' gradient tensors, made here, before any step's activations
-
-
-def setup_training(model, settings: LoopSettings, run_dir: Path, *, pad_id: int, vocab_size: int,
-                   resume: Path | None = None, echo: Callable[[str], None] = print,
-                   writes: bool = True, same_calls_everywhere: bool = False) -> TrainingSetup:
-    """Seeds, optimizer and schedule, the resumed state, the batch layout, the compiled body, the log.
-
-    Resume restores the optimizer, the schedule and the random state over what is built here, and the
-    step log is cut back to the checkpoint's step (the steps after it will be redone; `writes`: this
-    process writes the run folder, rank 0 under torchrun). `same_calls_everywhere` (FSDP2): no layout whose
-    number of forward calls depends on a rank's share (the shared prefix).
-    """
-    device = next(model.parameters()).device
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-
-    groups, parameter_names = parameter_groups(model, settings)
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = warmup_cosine_schedule(optimizer, settings.warmup_steps, settings.steps)
-    position = Position()
-    if resume is not None:
-        position = restore_checkpoint(read_checkpoint(resume), model, optimizer, scheduler, parameter_names)
-        echo(f"resumed from {resume} at step {position.step}")
-    collate = choose_collate(model, vocab_size, pad_id, settings.row_tokens, settings.gradient_checkpointing, echo,
-                             shared_prefix=not same_calls_everywhere)
-    body = _compiled_body(model, settings.compile_backend, device, echo) if settings.compile_backend else None
-    if writes:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(run_dir / "log.jsonl", position.step, echo)
-    parameters = [p for group in groups for p in group["params"]]
-    release_freed_memory()  # what the load, the evaluation before training and the layout probes freed
-    gradients = StepGradients(parameters)  # after the trim: they stay below the heap the steps will use
-    return TrainingSetup(optimizer, scheduler, parameters, parameter_names, position, collate, body, gradients)
 
 
 # The loop's steps in parts: what each one reads and writes, in the order the loop calls them.
@@ -252,6 +175,20 @@ def _next_micro_batches(stream, examples: list, collate: Callable, grad_accum: i
     if ranks is None and sum(piece.label_tokens for piece in micro) == 0:
         raise LorafitError(f"step {position.step + 1}: the micro-batches hold no label tokens to train on")
     return micro
+
+
+def _account(step: StepResult, run: TrainingSetup, settings: LoopSettings, number: int, started: float,
+             result: TrainResult, checkpoints: Path, echo) -> dict:
+    """The step's log line, and its totals in `result`; weights made NaN/Inf stop the run, a non-finite step
+    stops it too unless on_nonfinite="skip"."""
+    if not step.applied:
+        result.skipped_steps += 1
+        return _skip_or_stop(step, number, settings.on_nonfinite, run.scheduler, checkpoints, echo)
+    if not weights_are_finite(run.parameters):
+        raise _nonfinite_weights_error(number, run.optimizer, checkpoints)
+    result.losses.append(step.loss)
+    result.real_tokens += step.real_tokens
+    return _step_record(step, number, run.scheduler, time.perf_counter() - started)
 
 
 def _nonfinite_weights_error(step: int, optimizer, checkpoints: Path) -> LorafitError:
@@ -300,92 +237,6 @@ def _evaluate(model, evaluate: Callable[[], dict], step: int, result: TrainResul
 # The building blocks of setup and of the loop.
 
 
-def parameter_groups(model, settings: LoopSettings) -> tuple[list[dict], list[str]]:
-    """Trainable parameters in a stable named order, one optimizer group per learning rate.
-
-    `settings.lr_ratios` (from the method, e.g. LoRA+: {"lora_B": 16}) multiplies the learning rate of
-    the adapter tensors held in those parameter dicts; the rest learn at `settings.lr`.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise LorafitError("no trainable parameters: attach an adapter before training")
-    ratio_of = {}
-    for _, wrapper in wrappers(model) if settings.lr_ratios else ():
-        for dict_name in wrapper.adapter_parameter_dicts:
-            for parameter in getattr(wrapper, dict_name).values():
-                ratio_of[id(parameter)] = settings.lr_ratios.get(dict_name, 1.0)
-    by_ratio: dict[float, list] = {1.0: []}
-    for name, parameter in named:
-        by_ratio.setdefault(ratio_of.get(id(parameter), 1.0), []).append((name, parameter))
-    members = [m for m in by_ratio.values() if m]
-    groups = [{"params": [p for _, p in m], "lr": settings.lr * r} for r, m in by_ratio.items() if m]
-    return groups, [n for m in members for n, _ in m]
-
-
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
-                           ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning rate times step/warmup during the warm-up, then times ½(1 + cos(π·progress)) down to 0 at
-    `total_steps` (cosine annealing, Loshchilov & Hutter 2017, arXiv:1608.03983, without restarts).
-
-    The same multipliers as transformers' get_cosine_schedule_with_warmup (a test holds them equal), written
-    here because importing that function imports transformers' trainer utilities, which import peft and
-    bitsandbytes where they are installed (~146 MiB more resident memory, measured, and a warning).
-    """
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-
-
-def _set_activation_checkpointing(model, on: bool) -> None:
-    """Recompute each layer's forward in backward (non-reentrant), or stop doing so.
-
-    transformers 5 calls it activation checkpointing and keeps `gradient_checkpointing_*` as deprecated
-    aliases (with a warning); earlier versions have only those.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_disable()
-
-
-# What `lorafit train --compile` uses: torch's default compiler, generating C++ on CPU and Triton on GPUs.
-COMPILE_BACKEND = "inductor"
-
-
-def check_compile(model, backend: str | Callable, device: torch.device) -> None:
-    """Refuse in one line what would otherwise fail deep inside the first compiled step."""
-    if head_and_body(model)[1] is None:
-        raise LorafitError("--compile: this model's logits are transformed after its output head, so the loss "
-                           "runs the whole model; train it without --compile")
-    if backend == "inductor" and device.type == "cpu" and not any(
-            shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
-        raise LorafitError("--compile on CPU needs a C++ compiler (g++ or clang++; or set CXX) for torch's "
-                           "inductor backend; install one or train without --compile")
-
-
-def _compiled_body(model, backend: str | Callable, device: torch.device, echo) -> torch.nn.Module:
-    """The model body under torch.compile, for the loss to run; the model itself stays as it was.
-
-    Only the body: the output head is a few chunked matmuls the loss already does in place. The first
-    step, and the first batch of a new shape (after which dimensions are compiled as dynamic), wait for
-    the compiler. Measured on 2 CPU cores (bench/RESULTS-choices.md): 90 s + 78 s of compiling, then
-    0.80 s per step instead of 0.87 s, so it pays only over thousands of steps.
-    """
-    check_compile(model, backend, device)
-    echo(f"torch.compile ({backend}): the first step and each new batch shape wait for the compiler")
-    return torch.compile(head_and_body(model)[1], backend=backend)
-
-
 class _NoLog:
     """The step log of a rank that does not write one."""
 
@@ -426,27 +277,3 @@ def _last_checkpoint(folder: Path) -> str:
     return str(found[-1]) if found else "none"
 
 
-def _truncate_log(log_path: Path, step: int, echo=print) -> None:
-    """On resume, drop log lines of steps after the checkpoint (they will be redone).
-
-    A kill in the middle of a write leaves a half line; it is dropped, and said so, like any line that
-    does not read as a step record.
-    """
-    if not log_path.exists():
-        return
-    kept, damaged = [], 0
-    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            record_step = record["step"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            damaged += 1
-            continue
-        if isinstance(record_step, int) and record_step <= step:
-            kept.append(line)
-    if damaged:
-        echo(f"warning: {log_path}: {damaged} damaged line(s) dropped (a write cut off by a kill)")
-    with atomic_path(log_path) as temporary:
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lorafit.data import IGNORE_INDEX
+from lorafit.data.tokenizing import IGNORE_INDEX
 from lorafit.train.batching import Batch
 from lorafit.train.forward import forward_hidden
 

@@ -10,14 +10,12 @@ is checked before the folder is touched, so a failed start leaves an earlier run
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from lorafit.errors import LorafitError, brief
-from lorafit.files import USER_FIXABLE, write_json
+from lorafit.files import check_writable, is_inside, write_json
 
 MARKER = "lorafit-run.json"
 CONFIG = "config.yaml"
@@ -103,12 +101,6 @@ def is_run_folder(run: Path) -> bool:
     return bool(names) and all(_is_temporary_of(name, _RUN_FILES) for name in names)
 
 
-def is_inside(path: Path, folder: Path) -> bool:
-    """Whether `path` is `folder` or somewhere under it (both resolved: links and '..' followed)."""
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
-
-
 def check_output(run: Path, *, overwrite: bool, inputs: dict[str, Path]) -> None:
     """Refuse an output folder lorafit must not write into; never changes anything.
 
@@ -133,24 +125,6 @@ def check_output(run: Path, *, overwrite: bool, inputs: dict[str, Path]) -> None
     if foreign:
         raise LorafitError(f"--overwrite: {run} holds files lorafit did not write ({brief(foreign)}); move them "
                            "out or choose another --output")
-
-
-def check_writable(folder: Path) -> None:
-    """Fail now, before a model is loaded, if `folder` cannot be created or written."""
-    existing = folder
-    while not existing.exists():
-        if existing.is_symlink():
-            raise LorafitError(f"--output {folder}: {existing} is a broken symbolic link")
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == folder else f"is under {existing}, which is a file"
-        raise LorafitError(f"--output {folder} {where}; give a folder")
-    try:
-        probe = tempfile.mkdtemp(prefix=".lorafit-write-check-", dir=existing)
-    except OSError as err:
-        reason = USER_FIXABLE.get(err.errno, err.strerror)
-        raise LorafitError(f"--output {folder}: cannot write in {existing}: {reason}") from None
-    os.rmdir(probe)
 
 
 def clear_run(run: Path) -> None:

@@ -121,16 +121,26 @@ def train_step(model, micro_batches: list[Batch], parameters: list[torch.Tensor]
     else:
         loss_sum, real_tokens = reduce_step(parameters, [loss_sum.item(), real_tokens], ranks)
         real_tokens = round(real_tokens)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm).item()
     step_loss = loss_sum / label_tokens
+    grad_norm, applied = clip_and_step(parameters, optimizer, max_grad_norm, scheduler, loss=step_loss)
+    return StepResult(step_loss, grad_norm.item(), real_tokens, label_tokens, applied)
 
-    applied = math.isfinite(step_loss) and math.isfinite(grad_norm)
+
+def clip_and_step(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *, loss: float | None = None
+                  ) -> tuple[torch.Tensor, bool]:
+    """Clip the gradients to `max_grad_norm`, then the optimizer (and scheduler) step unless the step's `loss` or
+    the gradient norm is NaN/Inf; the gradients are cleared either way. Returns (the gradient norm before
+    clipping, whether the step was taken). Without `loss` nothing is checked: the memory planner runs this on
+    fake tensors, which hold no values to check."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    applied = loss is None or (math.isfinite(loss) and math.isfinite(grad_norm.item()))
     if applied:
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss, grad_norm, real_tokens, label_tokens, applied)
+    return grad_norm, applied
 
 
 def accumulate_gradients(model, pieces: list[Batch], label_tokens: int, *, body: torch.nn.Module | None = None

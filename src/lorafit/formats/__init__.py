@@ -1,0 +1,12 @@
+"""Files lorafit reads and writes for other tools: peft's adapter folders (both directions), which base model an
+adapter folder needs, a merged transformers folder, and GGUF for llama.cpp, Ollama and LM Studio (gguf-py only).
+
+- `peft`: adapter_config.json + adapter_model.safetensors, strict both ways;
+- `adapter_base`: the base model an adapter folder records, and checking the one loaded against it;
+- `merged_folder`: a merged model saved as a plain transformers folder;
+- `gguf_layout`: which architectures, the tensor names llama.cpp uses, and its row order for q and k;
+- `gguf_lora`: an adapter as a GGUF adapter file (`general.type = adapter`);
+- `gguf_merged`: the merged model, carried over from the base's own GGUF or built from a transformers folder;
+- `gguf_tokenizer`: the tokenizer metadata llama.cpp needs, for a transformers folder;
+- `gguf_file`: --outtype encodings, atomic writes, what `--overwrite` may replace.
+"""

@@ -1,0 +1,95 @@
+"""Held-out evaluation: token loss and perplexity, and exact match of greedy generations.
+
+Both measure the same examples: those that fit max_length whole. A held-out example cut short would
+score a different task (its reply truncated), so it is left out of both and counted instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lorafit.data.tasks import evaluation_pairs, exact_match
+from lorafit.data.tokenizing import DataStats, build_dataset, encode_prompt
+from lorafit.train.batching import collate_padded
+from lorafit.train.loss import summed_token_loss
+
+
+@dataclass
+class HeldOut:
+    """Held-out examples tokenised for the loss, the same conversations for exact match, and what was left out."""
+
+    examples: list
+    conversations: list
+    stats: DataStats
+
+    @property
+    def left_out(self) -> int:
+        return self.stats.examples_in - self.stats.kept
+
+    def describe_left_out(self, max_length: int) -> str:
+        return (f"{self.left_out} of {self.stats.examples_in} held-out examples left out of loss and exact match "
+                f"({self.stats.skipped_too_long} longer than --max-length {max_length}, "
+                f"{self.stats.dropped_all_masked} with nothing to predict)")
+
+
+def held_out_set(tokenizer, conversations: list, max_length: int, train_on_prompt: bool = False,
+                 source: str | None = None) -> HeldOut:
+    """The examples that fit max_length whole, for both the loss and exact match."""
+    examples, stats = build_dataset(tokenizer, conversations, max_length, train_on_prompt, "skip",
+                                    source=source, purpose="held-out")
+    return HeldOut(examples, [conversations[i] for i in stats.kept_indices], stats)
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list, pad_id: int, batch_size: int = 8) -> dict:
+    """Mean cross-entropy over the label tokens of `examples`, and its perplexity."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate_padded(examples[start : start + batch_size], pad_id).to(device)
+        total += summed_token_loss(model, batch).item()
+        count += batch.label_tokens
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy replies to chat prompts (messages without the final assistant turn), batched."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, messages) for messages in prompts[start : start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        # Left padding: every prompt then ends at the same position, where generation starts.
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+        for row in output[:, width:]:
+            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return replies
+
+
+def exact_match_accuracy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32) -> dict:
+    """Share of chat conversations whose final assistant reply the model reproduces exactly.
+
+    Plain-text records have no reply to compare against and are left out.
+    """
+    pairs = evaluation_pairs([c for c in conversations if c and c[-1]["role"] == "assistant"])
+    if not pairs:
+        return {}
+    replies = generate_replies(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens)
+    hits = sum(exact_match(reply, reference) for reply, (_, reference) in zip(replies, pairs))
+    return {"exact_match": hits / len(pairs)}
