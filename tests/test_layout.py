@@ -110,3 +110,19 @@ def test_only_the_registry_and_the_methods_name_methods():
 def test_every_folder_says_what_it_holds(layer):
     docstring = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text(encoding="utf-8")))
     assert docstring and len(docstring) > 40
+
+
+# `import lorafit`'s names: the public API, the same before and after the package was laid out in folders.
+PUBLIC_API = ['ALL_LINEAR', 'BitFitConfig', 'FusedSlices', 'IA3Config', 'LoraConfig', 'LorafitError', 'ParameterCount',
+              'QuantizeSettings', 'active_adapters', 'adapter_names', 'adapter_per_row', 'attach', 'delete_adapter',
+              'dequantize_model', 'disable_adapters', 'load_adapter', 'load_model_and_tokenizer', 'merge',
+              'merge_and_unload', 'quantize_model', 'report', 'save_adapter', 'set_active_adapter',
+              'trainable_parameters', 'unload', 'unmerge']
+
+
+def test_the_public_api_is_unchanged_and_every_name_resolves():
+    import lorafit
+
+    assert lorafit.__all__ == PUBLIC_API
+    for name in PUBLIC_API:
+        assert getattr(lorafit, name) is not None

@@ -18,8 +18,7 @@ from lorafit.errors import LorafitError
 from lorafit.methods import DEFAULT_METHOD
 from lorafit.models.options import DoubleQuant, ModelDtype, ModelSourceOptions, Quantize, quantize_settings
 
-# the batch sizes the search and the table try, at most
-MAX_BATCH = 1024
+# the batch sizes the table tries
 TABLE_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
@@ -114,6 +113,7 @@ def run(config: EstimateConfig, echo=print, given=None) -> dict:
 
     from lorafit.models.dtypes import parse_dtype
     from lorafit.models.loading import load_config, resolve_model_folder
+    from lorafit.planner.auto_batch import gib, largest_fitting_batch
     from lorafit.planner.plan import Planner, Setup, Workload
     from lorafit.planner.runtime import available_memory, measure_runtime
 
@@ -150,10 +150,10 @@ def run(config: EstimateConfig, echo=print, given=None) -> dict:
     plan = planner.plan(workload(batch))
     echo(format_plan(plan, batch, config.max_length))
     fits = plan.total <= memory
-    echo(f"verdict: {'fits' if fits else 'does NOT fit'} in {_gib(memory)} ({memory_words}): "
-         f"{'spare' if fits else 'short by'} {_gib(abs(memory - plan.total))}")
+    echo(f"verdict: {'fits' if fits else 'does NOT fit'} in {gib(memory)} ({memory_words}): "
+         f"{'spare' if fits else 'short by'} {gib(abs(memory - plan.total))}")
     result.update(total=plan.total, fits=fits, batch_size=batch)
-    largest, why = largest_batch(planner, workload, memory)
+    largest, why = largest_fitting_batch(planner, workload, memory)
     echo(why)
     result["largest_batch_size"] = largest
     return result
@@ -167,12 +167,10 @@ def _default_dtype(device: str) -> str:
     return str(default_dtype(torch.device(device))).removeprefix("torch.")
 
 
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"
-
-
 def format_plan(plan, batch: int, length: int) -> str:
     """The parts, one per line, in MiB, and the total."""
+    from lorafit.planner.auto_batch import gib
+
     lines = [f"batch {batch} × {length} tokens:"]
     for what, size in plan.parts():
         lines.append(f"  {what:<74} {size / 2**20:>11,.1f} MiB")
@@ -181,45 +179,18 @@ def format_plan(plan, batch: int, length: int) -> str:
         lines.append(f"    (of the activations: {per_layer / 2**20:,.2f} MiB per decoder layer × "
                      f"{len(plan.step.per_layer)} layers; the loss's own buffers peak at "
                      f"{plan.step.loss_peak / 2**20:,.1f} MiB)")
-    lines.append(f"  {'total':<74} {plan.total / 2**20:>11,.1f} MiB ({_gib(plan.total)})")
+    lines.append(f"  {'total':<74} {plan.total / 2**20:>11,.1f} MiB ({gib(plan.total)})")
     return "\n".join(lines)
 
 
-def largest_batch(planner, workload, memory: int) -> tuple[int | None, str]:
-    """The largest batch size whose plan fits `memory` (doubling, then halving the gap), and a line saying so."""
-    first = planner.plan(workload(1))
-    if first.total > memory:
-        return None, (f"largest batch size that fits: none — batch 1 needs {_gib(first.total)}; try "
-                      "--gradient-checkpointing, --quantize nf4, a shorter --max-length or more memory")
-    good, size, bad, since = 1, first.total, None, 1
-    while bad is None and good < MAX_BATCH:
-        trial = min(good * 2, MAX_BATCH)
-        total = planner.plan(workload(trial)).total
-        if total > memory:
-            bad = trial
-        elif total == size and trial >= 4:  # the peak no longer grows with the batch
-            return trial, (f"largest batch size that fits: any — the peak stays {_gib(total)} from batch {since} on "
-                           f"(examples of ≥ {planner.setup.row_tokens} tokens run one at a time, so a larger batch "
-                           "costs time, not memory)")
-        else:
-            since = since if total == size else trial
-            good, size = trial, total
-    while bad is not None and bad - good > 1:
-        middle = (good + bad) // 2
-        if planner.plan(workload(middle)).total <= memory:
-            good = middle
-        else:
-            bad = middle
-    limit = "" if bad is not None else f" (searched up to {MAX_BATCH})"
-    return good, f"largest batch size that fits: {good}{limit}"
-
-
 def _table(planner, workload, max_length: int, memory: int, echo) -> list[dict]:
+    from lorafit.planner.auto_batch import gib
+
     lengths = sorted({n for n in (128, 256, 512, 1024, 2048, 4096, 8192) if n < max_length} | {max_length})
     if planner.max_length:
         lengths = [n for n in lengths if n <= planner.max_length]
     rows = []
-    echo(f"total GiB by length (rows) and batch size (columns); * does not fit in {_gib(memory)}")
+    echo(f"total GiB by length (rows) and batch size (columns); * does not fit in {gib(memory)}")
     echo("  length " + "".join(f"{b:>9}" for b in TABLE_BATCHES))
     for length in lengths:
         cells = []

@@ -38,10 +38,7 @@ class GenerateConfig(ModelLoadOptions):
 
 
 def run(config: GenerateConfig, echo=print, given=None) -> str:
-    import torch
-    from transformers import TextStreamer
-
-    from lorafit.data.tokenizing import encode_prompt
+    from lorafit.inference.generation import stream_reply
     from lorafit.inference.loading import load_model_with_adapter
 
     if config.max_new_tokens < 1:
@@ -65,14 +62,5 @@ def run(config: GenerateConfig, echo=print, given=None) -> str:
                                                   echo=lambda line: print(line, file=sys.stderr))
     messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
         {"role": "user", "content": config.prompt}]
-    input_ids = torch.tensor([encode_prompt(tokenizer, messages)], device=model.device)
-    torch.manual_seed(config.seed)
-    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p} \
-        if config.temperature > 0 else {"do_sample": False}
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad():
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                max_new_tokens=config.max_new_tokens, streamer=streamer,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                **sampling)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return stream_reply(model, tokenizer, messages, max_new_tokens=config.max_new_tokens,
+                        temperature=config.temperature, top_p=config.top_p, seed=config.seed)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from lorafit.data.tasks import evaluation_pairs, exact_match
-from lorafit.data.tokenizing import DataStats, build_dataset, encode_prompt
+from lorafit.data.tokenizing import DataStats, build_dataset
+from lorafit.inference.generation import generate_replies
 from lorafit.train.batching import collate_padded
 from lorafit.train.loss import summed_token_loss
 
@@ -57,29 +58,6 @@ def evaluate_loss(model, examples: list, pad_id: int, batch_size: int = 8) -> di
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-
-@torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32,
-                     batch_size: int = 16) -> list[str]:
-    """Greedy replies to chat prompts (messages without the final assistant turn), batched."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, messages) for messages in prompts[start : start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        # Left padding: every prompt then ends at the same position, where generation starts.
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
-        for row in output[:, width:]:
-            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    model.train(was_training)
-    return replies
 
 
 def exact_match_accuracy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32) -> dict:

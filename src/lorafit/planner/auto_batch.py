@@ -21,6 +21,7 @@ from lorafit.train.batching import plan_batches
 
 MARGIN = 0.10  # of the available memory, kept free for what the plan does not see (other processes, growth)
 MAX_AUTO_BATCH = 256
+MAX_BATCH = 1024  # the most `lorafit estimate`'s search tries
 
 
 def available_now(device: torch.device) -> int:
@@ -133,3 +134,36 @@ def auto_batch_size(model, adapter, examples: list, *, dtype: str, gradient_chec
         finally:
             unload(model)
     return batch
+
+
+def largest_fitting_batch(planner, workload, memory: int) -> tuple[int | None, str]:
+    """The largest batch size whose plan fits `memory` (doubling, then halving the gap), and a line saying so."""
+    first = planner.plan(workload(1))
+    if first.total > memory:
+        return None, (f"largest batch size that fits: none — batch 1 needs {gib(first.total)}; try "
+                      "--gradient-checkpointing, --quantize nf4, a shorter --max-length or more memory")
+    good, size, bad, since = 1, first.total, None, 1
+    while bad is None and good < MAX_BATCH:
+        trial = min(good * 2, MAX_BATCH)
+        total = planner.plan(workload(trial)).total
+        if total > memory:
+            bad = trial
+        elif total == size and trial >= 4:  # the peak no longer grows with the batch
+            return trial, (f"largest batch size that fits: any — the peak stays {gib(total)} from batch {since} on "
+                           f"(examples of ≥ {planner.setup.row_tokens} tokens run one at a time, so a larger batch "
+                           "costs time, not memory)")
+        else:
+            since = since if total == size else trial
+            good, size = trial, total
+    while bad is not None and bad - good > 1:
+        middle = (good + bad) // 2
+        if planner.plan(workload(middle)).total <= memory:
+            good = middle
+        else:
+            bad = middle
+    limit = "" if bad is not None else f" (searched up to {MAX_BATCH})"
+    return good, f"largest batch size that fits: {good}{limit}"
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
