@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from lorafit.cli.common import print_settings
+from lorafit.cli.common import OptionalAdapterFolder, print_settings
 from lorafit.errors import LorafitError
 from lorafit.models.options import ModelLoadOptions
 
@@ -20,8 +20,7 @@ from lorafit.models.options import ModelLoadOptions
 class EvalConfig(ModelLoadOptions):
     """Evaluate a model (and adapter) on instruction data: loss, perplexity, exact match."""
 
-    adapter: Optional[str] = None
-    """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
+    adapter: OptionalAdapterFolder = None
     data: Optional[str] = None
     """JSONL/JSON file (default: the built-in task's held-out split for --seed)."""
     seed: int = 0

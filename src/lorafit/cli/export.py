@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from lorafit.cli.common import print_settings
+from lorafit.cli.common import AdapterFolder, print_settings
 from lorafit.errors import LorafitError
 from lorafit.models.options import ModelFileOptions
 
@@ -29,8 +29,7 @@ ADAPTER_OUTTYPES = ("f32", "f16", "bf16")
 class ExportConfig(ModelFileOptions):
     """Export an adapter as a GGUF LoRA for llama.cpp / Ollama, or the merged model as one GGUF file."""
 
-    adapter: str
-    """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
+    adapter: AdapterFolder
     output: str
     """The .gguf file to write."""
     format: Literal["gguf-lora", "gguf"] = "gguf-lora"

@@ -12,7 +12,7 @@ from typing import Optional
 
 import tyro
 
-from lorafit.cli.common import print_settings
+from lorafit.cli.common import OptionalAdapterFolder, print_settings
 from lorafit.errors import LorafitError
 from lorafit.models.options import ModelLoadOptions
 
@@ -23,8 +23,7 @@ class GenerateConfig(ModelLoadOptions):
 
     prompt: tyro.conf.Positional[str]
     """The user message."""
-    adapter: Optional[str] = None
-    """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
+    adapter: OptionalAdapterFolder = None
     system: Optional[str] = None
     """A system message (default: the template's own)."""
     max_new_tokens: int = 128

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from lorafit.cli.common import print_settings
+from lorafit.cli.common import AdapterFolder, print_settings
 from lorafit.inference.merge import MergeInto
 from lorafit.models.options import ModelLoadOptions
 
@@ -21,8 +21,7 @@ from lorafit.models.options import ModelLoadOptions
 class MergeConfig(ModelLoadOptions):
     """Merge an adapter into its base model and save the result for AutoModelForCausalLM.from_pretrained."""
 
-    adapter: str
-    """Adapter folder (lorafit or peft), a lorafit run folder (its adapter/) or a checkpoint of one."""
+    adapter: AdapterFolder
     output: str
     """Folder for the merged model."""
     overwrite: bool = False
