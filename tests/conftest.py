@@ -67,6 +67,17 @@ def random_examples(count: int, seed: int = 0, lengths: tuple = (3, 15), vocab: 
     return examples
 
 
+def two_adapter_model():
+    """tiny_llama with two random LoRA adapters: "first" (r=8, q and v) and "second" (r=4, v and o), second active."""
+    import lorafit
+
+    model = tiny_llama()
+    lorafit.attach(model, lorafit.LoraConfig(target_modules=["q_proj", "v_proj"]), "first")
+    lorafit.attach(model, lorafit.LoraConfig(r=4, target_modules=["v_proj", "o_proj"]), "second")
+    randomize_adapters(model)
+    return model
+
+
 @pytest.fixture
 def input_ids():
     return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))

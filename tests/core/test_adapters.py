@@ -6,15 +6,7 @@ import torch
 import lorafit
 from lorafit import LoraConfig, LorafitError
 from lorafit.methods.lora import LoraLinear
-from tests.conftest import randomize_adapters, tiny_llama
-
-
-def _two_adapter_model():
-    model = tiny_llama()
-    lorafit.attach(model, LoraConfig(target_modules=["q_proj", "v_proj"]), "first")
-    lorafit.attach(model, LoraConfig(r=4, target_modules=["v_proj", "o_proj"]), "second")
-    randomize_adapters(model)
-    return model
+from tests.conftest import randomize_adapters, tiny_llama, two_adapter_model
 
 
 def test_attach_returns_the_same_model_and_activates_the_new_adapter():
@@ -24,7 +16,7 @@ def test_attach_returns_the_same_model_and_activates_the_new_adapter():
 
 
 def test_switching_adapters_changes_outputs_and_trainable_parameters(input_ids):
-    model = _two_adapter_model()
+    model = two_adapter_model()
     assert lorafit.active_adapters(model) == ["second"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".second") for n in trainable)
@@ -44,7 +36,7 @@ def test_switching_adapters_changes_outputs_and_trainable_parameters(input_ids):
 
 
 def test_both_active_adapters_add_up_like_two_merges(input_ids):
-    model = _two_adapter_model()
+    model = two_adapter_model()
     lorafit.set_active_adapter(model, ["first", "second"])
     with torch.no_grad():
         unmerged = model(input_ids).logits
@@ -53,7 +45,7 @@ def test_both_active_adapters_add_up_like_two_merges(input_ids):
 
 
 def test_delete_restores_modules_left_without_adapters(input_ids):
-    model = _two_adapter_model()
+    model = two_adapter_model()
     lorafit.delete_adapter(model, "second")
     assert lorafit.adapter_names(model) == ["first"]
     assert isinstance(model.model.layers[0].self_attn.v_proj, LoraLinear)
@@ -65,7 +57,7 @@ def test_delete_restores_modules_left_without_adapters(input_ids):
 
 
 def test_errors_name_the_adapter():
-    model = _two_adapter_model()
+    model = two_adapter_model()
     with pytest.raises(LorafitError, match="already has an adapter named 'first'"):
         lorafit.attach(model, LoraConfig(), "first")
     with pytest.raises(LorafitError, match="no adapter named 'third'; the model has first, second"):
@@ -110,7 +102,7 @@ def _outputs(model, input_ids, active):
 
 
 def test_switching_away_from_a_merged_adapter_is_refused(input_ids):
-    model = _two_adapter_model()
+    model = two_adapter_model()
     second, first, both = (_outputs(model, input_ids, a) for a in ("second", "first", ["first", "second"]))
     lorafit.set_active_adapter(model, "first")
     lorafit.merge(model)
@@ -131,7 +123,7 @@ def test_switching_away_from_a_merged_adapter_is_refused(input_ids):
 
 
 def test_only_active_adapters_can_be_merged(input_ids):
-    model = _two_adapter_model()
+    model = two_adapter_model()
     first, both = _outputs(model, input_ids, "first"), _outputs(model, input_ids, ["first", "second"])
     second = _outputs(model, input_ids, "second")
     with pytest.raises(LorafitError, match=r"^adapter 'first' is not active, so merging it would add it to the "

@@ -6,15 +6,7 @@ import torch
 import lorafit
 from lorafit import LoraConfig, LorafitError
 from lorafit.methods.lora import LoraLinear
-from tests.conftest import randomize_adapters, tiny_llama
-
-
-def _two_adapter_model():
-    model = tiny_llama()
-    lorafit.attach(model, LoraConfig(target_modules=["q_proj", "v_proj"]), "first")
-    lorafit.attach(model, LoraConfig(r=4, target_modules=["v_proj", "o_proj"]), "second")
-    randomize_adapters(model)
-    return model
+from tests.conftest import randomize_adapters, tiny_llama, two_adapter_model
 
 
 def test_adapter_per_row_equals_running_each_row_with_its_own_adapter():
@@ -62,7 +54,7 @@ def test_adapter_per_row_reuses_its_stacks_until_a_weight_changes_and_keeps_grad
 
 
 def test_adapter_per_row_errors():
-    model = _two_adapter_model()
+    model = two_adapter_model()
     with pytest.raises(LorafitError, match="no adapter named 'zzz'"):
         with lorafit.adapter_per_row(model, ["first", "zzz"]):
             pass
