@@ -166,3 +166,15 @@ def test_a_torch_compiled_model_saves_the_keys_of_the_model_it_compiled(tmp_path
     assert lorafit.adapter_names(compiled) == ["default"]  # the wrapper answers for the module it holds
     lorafit.unload(compiled)
     assert not hasattr(compiled._orig_mod, "lorafit_state")
+
+
+def test_loading_under_a_name_the_model_has_is_refused_and_changes_nothing(tmp_path, input_ids):
+    model = two_adapter_model()
+    lorafit.save_adapter(model, tmp_path / "second", "second")
+    with torch.no_grad():
+        before = model(input_ids).logits
+    with pytest.raises(LorafitError, match="the model already has an adapter named 'second'"):
+        lorafit.load_adapter(model, tmp_path / "second", "second")
+    assert lorafit.adapter_names(model) == ["first", "second"] and lorafit.active_adapters(model) == ["second"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, before)

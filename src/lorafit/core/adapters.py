@@ -128,6 +128,9 @@ def undone_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
     """
     model = original_module(model)
     state = getattr(model, "lorafit_state", None)
+    if isinstance(state, AdapterState) and adapter_name in state.configs:
+        yield  # an adapter of that name is already there (attach refuses the block): it is not the block's to undo
+        return
     active = list(state.active) if isinstance(state, AdapterState) else None
     wrapped_before = {path for path, _ in wrappers(model)}
     requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
