@@ -38,8 +38,8 @@ def run_variant(variant: str, steps: int) -> dict:
     """Inside a child: load, adapt, run `steps` + 1 steps of the built-in task, report times and peak RSS."""
     import torch
     from common import high_water_rss_mib
-    from data import DATASETS, batch_plan
     from sides import QV8, LorafitSide, load_base
+    from workloads import DATASETS, batch_plan
 
     from lorafit.train import setup
     from lorafit.train.step import choose_collate

@@ -36,8 +36,8 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from common import Series, today  # noqa: E402
-from data import DATASETS, batch_plan  # noqa: E402
 from sides import ALL16, QV8, LorafitSide, PeftSide, load_base  # noqa: E402
+from workloads import DATASETS, batch_plan  # noqa: E402
 
 WORKLOADS = [("date-qv8", "date", QV8), ("date-all16", "date", ALL16), ("varlen-qv8", "varlen", QV8)]
 

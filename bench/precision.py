@@ -30,8 +30,8 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from common import SEED, Series, high_water_rss_mib, machine_line, today  # noqa: E402
-from data import DATASETS, batch_plan  # noqa: E402
 from sides import ALL16, QV8, LorafitSide, PeftSide, load_tokenizer  # noqa: E402
+from workloads import DATASETS, batch_plan  # noqa: E402
 
 WORKLOADS = {"qv8": QV8, "all16": ALL16}
 LARGE_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,

@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from data import DATASETS, batch_plan  # noqa: E402
 from sides import ALL16, QV8, LorafitSide, PeftSide, load_base  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from workloads import DATASETS, batch_plan  # noqa: E402
 
 
 def main() -> None:

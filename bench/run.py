@@ -23,7 +23,6 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from common import SGEMM_SIZE, Series, machine_line, sgemm_gflops, today  # noqa: E402
-from data import DATASETS  # noqa: E402
 from inference import compare_inference  # noqa: E402
 from report import inference_rows, markdown, training_rows  # noqa: E402
 from sides import load_tokenizer  # noqa: E402
@@ -33,6 +32,7 @@ from training import (  # noqa: E402
     summarise_training,
     training_specs,
 )
+from workloads import DATASETS  # noqa: E402
 
 
 def log(message: str) -> None:

@@ -30,8 +30,8 @@ from common import (  # noqa: E402
     peak_rss_mib,
     sgemm_gflops,
 )
-from data import DATASETS, batch_plan, padded_size  # noqa: E402
 from sides import ALL16, QV8, LorafitSide, PeftSide, Workload, load_base  # noqa: E402
+from workloads import DATASETS, batch_plan, padded_size  # noqa: E402
 
 
 @dataclass(frozen=True)

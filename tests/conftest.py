@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from transformers import PreTrainedTokenizerFast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Prepared data goes to a folder of this test session, never the user's cache (and subprocesses inherit it);
+# the converted default model stays in the shared cache, as converting it again takes a while.
+os.environ["LORAFIT_DATA_CACHE"] = tempfile.mkdtemp(prefix="lorafit-test-data-cache-")
 
 
 def tiny_llama(seed: int = 0, **overrides):

@@ -22,6 +22,16 @@ from safetensors import SafetensorError
 from lorafit.errors import LorafitError
 
 
+def cache_dir(kind: str) -> Path:
+    """lorafit's cache folder for one kind of entry ("models", "data"): `$LORAFIT_CACHE/<kind>`, else
+    `$XDG_CACHE_HOME/lorafit/<kind>` or `~/.cache/lorafit/<kind>`. Everything in it can be rebuilt."""
+    root = os.environ.get("LORAFIT_CACHE")
+    if root:
+        return Path(root).expanduser() / kind
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lorafit" / kind
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

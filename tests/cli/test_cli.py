@@ -87,7 +87,7 @@ def test_eval_prints_json_metrics(trained_run, tiny_chat_model, date_data, capsy
                  "--data", str(date_data), "--json", "--eval-examples", "3", "--max-new-tokens", "4"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(metrics) == {"loss", "perplexity", "exact_match", "examples", "left_out"}
-    assert metrics["examples"] == 40 and metrics["left_out"] == 0
+    assert metrics["examples"] == 3 and metrics["left_out"] == 0  # --eval-examples caps the loss too
     assert 0 < metrics["loss"] < 10 and abs(metrics["perplexity"] - 2.718281828 ** metrics["loss"]) < 1e-3
     assert 0 <= metrics["exact_match"] <= 1
 
@@ -214,13 +214,13 @@ def test_epochs_set_the_steps_and_eval_data_is_the_held_out_set(tmp_path, tiny_c
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["steps"] == 5  # 40 training examples (all of --data) / batch 4 = 10 steps per epoch
     assert resolved["warmup_steps"] == 0  # 5% of 5 steps, rounded
-    # the held-out loss is over --eval-data: 5 examples, the same figure `lorafit eval` gives on that file
+    # the held-out loss is over --eval-data's first --eval-examples: the same figure `lorafit eval` gives on that file
     metrics = json.loads((run / "metrics.json").read_text())
     capsys.readouterr()
     assert main(["eval", "--model", str(tiny_chat_model), "--adapter", str(run / "adapter"),
                  "--data", str(held_out), "--json", "--eval-examples", "2", "--max-new-tokens", "2"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert evaluated["examples"] == 5
+    assert evaluated["examples"] == 2 and metrics["held_out_examples"] == 2
     assert evaluated["loss"] == pytest.approx(metrics["after"]["loss"], rel=1e-5)
 
 

@@ -45,13 +45,13 @@ def test_train_reports_and_records_the_quantization(nf4_run, capsys):
 def test_eval_loads_the_base_as_the_adapter_was_trained_and_gives_trains_figure(nf4_run, capsys):
     run, data = nf4_run
     capsys.readouterr()
-    assert main(["eval", "--adapter", str(run), "--data", str(data), "--eval-examples", "0", "--json"]) == 0
+    assert main(["eval", "--adapter", str(run), "--data", str(data), "--max-new-tokens", "0", "--json"]) == 0
     out = capsys.readouterr()
     assert "quantize: nf4 + double quantization (the base quantization recorded in" in out.err
     assert "quantized 14 linear layers to nf4 + double quantization" in out.err
     assert json.loads(out.out)["loss"] < 10
     # the float base is a choice the user states, not a silent default
-    assert main(["eval", "--adapter", str(run), "--data", str(data), "--eval-examples", "0", "--json",
+    assert main(["eval", "--adapter", str(run), "--data", str(data), "--max-new-tokens", "0", "--json",
                  "--quantize", "none"]) == 0
     assert "quantize: nf4" not in capsys.readouterr().err
 

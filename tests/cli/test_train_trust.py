@@ -168,7 +168,7 @@ def test_a_pissa_checkpoint_evaluates_as_the_final_adapter(tmp_path, tiny_chat_m
 
     def loss(adapter):
         capsys.readouterr()
-        assert main(["eval", "--adapter", str(adapter), "--data", str(data), "--json", "--eval-examples", "0"]) == 0
+        assert main(["eval", "--adapter", str(adapter), "--data", str(data), "--json", "--max-new-tokens", "0"]) == 0
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
 
     final = loss(run / "adapter")
@@ -180,7 +180,7 @@ def test_a_pissa_checkpoint_evaluates_as_the_final_adapter(tmp_path, tiny_chat_m
 def test_eval_and_merge_without_model_use_the_recorded_base_and_refuse_another(tmp_path, finished_run, data,
                                                                               tiny_chat_model, capsys):
     capsys.readouterr()
-    args = ["eval", "--adapter", str(finished_run / "adapter"), "--data", str(data), "--json", "--eval-examples", "0"]
+    args = ["eval", "--adapter", str(finished_run / "adapter"), "--data", str(data), "--json", "--max-new-tokens", "0"]
     assert main(args) == 0
     out = capsys.readouterr()
     without_model = json.loads(out.out.strip().splitlines()[-1])
@@ -255,12 +255,21 @@ def test_a_learning_rate_beyond_float32_is_refused(capsys):
     assert "--lr must be a finite number > 0, got 1e+39" in error_line(capsys)
 
 
-def test_eval_examples_zero_skips_exact_match(tmp_path, tiny_chat_model, data):
+def test_max_new_tokens_zero_skips_exact_match_and_keeps_the_loss(tmp_path, tiny_chat_model, data):
     run = tmp_path / "run"
-    assert main(train_args(tiny_chat_model, data, run, "--eval-examples", "0", "--steps", "2")) == 0
+    assert main(train_args(tiny_chat_model, data, run, "--max-new-tokens", "0", "--steps", "2")) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert "exact_match" not in metrics["after"] and "exact_match" not in metrics["before"]
-    assert metrics["exact_match_examples"] == 0
+    assert "loss" in metrics["after"] and metrics["exact_match_examples"] == 0
+
+
+def test_eval_examples_zero_scores_nothing_and_says_so(tmp_path, tiny_chat_model, data, capsys):
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(train_args(tiny_chat_model, data, run, "--eval-examples", "0", "--steps", "2")) == 0
+    assert "examples set aside and not scored (--eval-examples 0)" in capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["before"] == {} and metrics["after"] == {} and metrics["held_out_examples"] == 0
 
 
 def test_generate_refuses_a_nan_temperature_and_top_p_without_sampling(capsys):

@@ -22,52 +22,71 @@ class EvalConfig(ModelLoadOptions):
 
     adapter: OptionalAdapterFolder = None
     data: Optional[str] = None
-    """JSONL/JSON file (default: the built-in task's held-out split for --seed)."""
+    """Data in any form `lorafit train --data` takes (a file, folder, glob or datasets folder, whose validation or
+    test split is scored) (default: the built-in task's held-out split for --seed)."""
+    columns: Optional[list[str]] = None
+    """The data's own names for lorafit's record fields, as KEY=COLUMN items (see `lorafit train --help`)."""
     seed: int = 0
     """Seed of the built-in task's split (the one training used)."""
     max_length: int = 512
     """Longest example in tokens; longer ones are left out of loss and exact match, and counted."""
     eval_examples: int = 100
-    """Examples used for exact match (greedy generation); loss uses all; 0 skips exact match."""
+    """Examples scored, by the loss and exact match alike: the first N that fit --max-length whole."""
     max_new_tokens: int = 32
-    """Generation length for exact match."""
+    """Generation length for exact match (0: no exact match, the loss only)."""
     json: bool = False
     """Print the metrics as one JSON object (the settings then go to stderr)."""
 
 
 def run(config: EvalConfig, echo=print, given=None) -> dict:
+    import numpy as np
+
+    from lorafit.data.columns import ColumnMap
+    from lorafit.data.prepared import prepare_conversations, prepare_source
+    from lorafit.data.sources import held_out_split, open_source
     from lorafit.data.tasks import BUILTIN, date_task_splits
-    from lorafit.data.tokenizing import read_examples
-    from lorafit.inference.evaluate import evaluate_loss, exact_match_accuracy, held_out_set
+    from lorafit.inference.evaluate import evaluate_loss, exact_match_accuracy, held_out_from
     from lorafit.inference.loading import load_model_with_adapter
 
-    if config.max_length < 2 or config.eval_examples < 0 or config.max_new_tokens < 1:
-        raise LorafitError("--max-length must be >= 2, --eval-examples >= 0 and --max-new-tokens >= 1")
+    if config.max_length < 2 or config.eval_examples < 1 or config.max_new_tokens < 0:
+        raise LorafitError("--max-length must be >= 2, --eval-examples >= 1 and --max-new-tokens >= 0")
     print_settings(config, to_stderr=config.json)
     # With --json, stdout is the one JSON object; everything else goes to stderr.
     note = echo if not config.json else (lambda line: print(line, file=sys.stderr))
+    columns = ColumnMap.parse(config.columns)
     if config.data is None:
+        if columns:
+            raise LorafitError("--columns names the columns of --data; the built-in task has its own")
         _, conversations = date_task_splits(BUILTIN.train_examples, BUILTIN.held_out_examples, config.seed)
     else:
-        loaded = read_examples(config.data)
-        for ignored in loaded.ignored:
-            note(f"warning: {ignored}")
-        conversations = loaded.conversations
+        source = open_source(config.data, "--data")
+        source = held_out_split(source) or source  # a DatasetDict: its validation (or test) split
+        for table, schema in source.schemas():
+            columns.check_schema(table, schema)
+        note(f"data: {source.describe()}")
     model, tokenizer, _ = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
                                                   quantize=config.quantize, double_quant=config.double_quant,
                                                   allow_pickle=config.allow_pickle,
                                                   trust_remote_code=config.trust_remote_code, echo=note)
-    held = held_out_set(tokenizer, conversations, config.max_length, source=config.data or "the built-in task")
+    if config.data is None:
+        prepared = prepare_conversations(tokenizer, conversations, config.max_length, False, "the built-in task")
+    else:
+        prepared = prepare_source(tokenizer, source, columns, source.fingerprint(), config.max_length, False, note)
+        for ignored in prepared.notes:
+            note(f"warning: {ignored}")
+    held = held_out_from(prepared, np.arange(len(prepared)), config.eval_examples,
+                         config.data or "the built-in task")
     if held.left_out:
         note(f"warning: {held.describe_left_out(config.max_length)}")
+    note(f"scoring: {held.describe_scored(config.max_new_tokens)}")
     metrics = {**evaluate_loss(model, held.examples, tokenizer.pad_token_id),
-               **(exact_match_accuracy(model, tokenizer, held.conversations[: config.eval_examples],
-                                       config.max_new_tokens) if config.eval_examples else {}),
-               "examples": held.stats.kept, "left_out": held.left_out}
+               **(exact_match_accuracy(model, tokenizer, held.conversations, config.max_new_tokens)
+                  if config.max_new_tokens else {}),
+               "examples": len(held.examples), "left_out": held.left_out}
     if config.json:
         echo(json.dumps(metrics))
     else:
         echo(f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f}"
              + (f", exact match {metrics['exact_match']:.1%}" if "exact_match" in metrics else "")
-             + f" ({held.stats.kept} examples" + (f", {held.left_out} left out" if held.left_out else "") + ")")
+             + f" ({len(held.examples)} examples" + (f", {held.left_out} left out" if held.left_out else "") + ")")
     return metrics

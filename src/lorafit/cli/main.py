@@ -148,6 +148,8 @@ def load_yaml_defaults(config_class, path: Path) -> dict:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise LorafitError(f"{path}: unknown setting {key!r}{hint}")
+        if name == "columns" and isinstance(value, dict):  # columns: {output: answer}, as the flags' KEY=COLUMN
+            value = [f"{key}={column}" for key, column in value.items()]
         if not _type_ok(hints[name], value):
             hint = ""
             if _wants_float(hints[name]) and _looks_like_float(value):

@@ -1,35 +1,37 @@
-"""Reading instruction data: JSONL or JSON-list records of every accepted shape, as chat conversations.
+"""Reading instruction data: records of every accepted shape, from any DataSource, as chat conversations.
 
 The shapes are chat 'messages', ShareGPT 'conversations', alpaca 'instruction'+'output', 'prompt'+
 'completion' and plain 'text'; each record becomes a list of {"role", "content"} messages, so
-tokenising has one input form. Every error names its place as 'file:line' or 'file[index]'. Nothing a
-user wrote is dropped silently: a field the record's shape does not read is named in a note.
+tokenising has one input form. Files, folders and their formats are sources.py's; the data's own column
+names are mapped by columns.py; this module alone knows the shapes. Every error names its place
+('file:line', 'file[index]', 'file[row i]'). Nothing a user wrote is dropped silently: a field the
+record's shape does not read is named in a note.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafit.data.columns import CHAT_MESSAGE_KEYS, SHAREGPT_MESSAGE_KEYS, ColumnMap
+from lorafit.data.sources import DataSource, open_source
 from lorafit.errors import LorafitError
 
 CHAT_ROLES = ("system", "user", "assistant")
 TEXT_ROLE = "text"  # a lone {"role": "text"} message: train on the whole text, no template
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-CHAT_MESSAGE_KEYS = ("role", "content")
-SHAREGPT_MESSAGE_KEYS = ("from", "value")
 ALPACA_KEYS = ("instruction", "input", "output", "system", "history")  # LLaMA-Factory's alpaca columns
 ACCEPTED_SHAPES = (
     "'messages' (chat), 'conversations' (ShareGPT), 'instruction'+'output' (alpaca), 'prompt'+'completion', 'text'"
 )
+Columns = ColumnMap | Mapping | list | tuple | str | None  # what ColumnMap.parse accepts
 
 
 @dataclass
 class LoadedExamples:
-    """What read_examples made of a data file: the conversations, and one note per field it did not use.
+    """What read_examples made of a data source: the conversations, and one note per field it did not use.
 
     The notes exist so that nothing a user wrote disappears unmentioned: a field lorafit does not read
     (an 'id', a message's 'name', ShareGPT's 'tools') is named once, with how many records hold it.
@@ -37,149 +39,76 @@ class LoadedExamples:
 
     conversations: list[list[dict]]
     ignored: list[str]
+    source: DataSource | None = None
 
 
-def read_examples(path: str | Path) -> LoadedExamples:
-    """Read a JSONL file (one object per line) or a JSON list of objects as chat conversations.
+class ConversationStream:
+    """A DataSource's records as conversations, a batch at a time; the notes on unused fields at the end.
+
+    Streaming keeps memory flat however large the data is. The notes count every record, so they are
+    known once batches() has been read to its end; `count` is the number of records read so far.
+    """
+
+    def __init__(self, source: DataSource, columns: Columns = None):
+        self.source = source
+        self.columns = ColumnMap.parse(columns)
+        self.count = 0
+        self._unused_at: dict[str, list] = {}  # field -> [how many records hold it, where the first one is]
+        self._finished = False
+
+    def batches(self, size: int = 1024) -> Iterator[list[tuple[str, list[dict]]]]:
+        """Lists of at most `size` (place, conversation); a table's columns are checked before its first row."""
+        self.count, self._unused_at, self._finished = 0, {}, False
+        for name, schema in self.source.schemas():
+            self.columns.check_schema(name, schema, text_cells=self.source.text_cells)
+        for batch in self.source.record_batches(size):
+            yield [(where, self._conversation(where, record)) for where, record in batch]
+        self._finished = True
+
+    def _conversation(self, where: str, record: object) -> list[dict]:
+        source = self.source
+        record = self.columns.prepare(record, where, from_table=source.from_table, text_cells=source.text_cells)
+        turns, unused = _normalise(record, where)
+        self.count += 1
+        for name in unused:
+            self._unused_at.setdefault(name, [0, where])[0] += 1
+        return turns
+
+    @property
+    def ignored(self) -> list[str]:
+        """One note per field no record's shape read, with how many records hold it and where the first is."""
+        if not self._finished:
+            raise RuntimeError("ConversationStream.ignored is known once batches() has been read to its end")
+        return [
+            f"{self.source.spec}: field {name!r} is not used ({count} of {self.count} records; first at {first})"
+            for name, (count, first) in self._unused_at.items()
+        ]
+
+
+def read_examples(path: str | Path | DataSource, columns: Columns = None) -> LoadedExamples:
+    """Every conversation of a data source (a file, folder, glob or datasets folder; see open_source), at once.
 
     Each conversation is a list of {"role", "content"} dicts with roles system/user/assistant, or a
-    single {"role": "text"} message for plain-text records. The format is told by content, not by
-    the file's extension: a file whose first character is '[' is a JSON list, anything else JSONL.
-    Fields that the record's shape does not read are listed in `ignored`, one note per field.
+    single {"role": "text"} message for plain-text records. `columns` maps the data's column names to
+    the record fields (ColumnMap.parse). Fields that the record's shape does not read are listed in
+    `ignored`, one note per field. For data too large to hold, use ConversationStream.
     """
-    path = Path(path)
-    located_records = _read_records(path)
-    conversations = []
-    unused_at: dict[str, list] = {}  # field -> [how many records hold it, where the first one is]
-    for where, record in located_records:
-        turns, unused = _normalise(record, where)
-        conversations.append(turns)
-        for name in unused:
-            unused_at.setdefault(name, [0, where])[0] += 1
-    notes = [
-        f"{path}: field {name!r} is not used ({count} of {len(located_records)} records; first at {first})"
-        for name, (count, first) in unused_at.items()
-    ]
-    return LoadedExamples(conversations, notes)
+    source = path if isinstance(path, DataSource) else open_source(path)
+    stream = ConversationStream(source, columns)
+    conversations = [turns for batch in stream.batches() for _, turns in batch]
+    return LoadedExamples(conversations, stream.ignored, source)
 
 
-def load_examples(path: str | Path) -> list[list[dict]]:
+def load_examples(path: str | Path | DataSource, columns: Columns = None) -> list[list[dict]]:
     """The conversations of read_examples(path); each note about an unused field becomes a warning.
 
     For library callers that want only the conversations: the warnings make sure they still learn
     which of their fields had no effect.
     """
-    loaded = read_examples(path)
+    loaded = read_examples(path, columns)
     for note in loaded.ignored:
         warnings.warn(note, stacklevel=2)
     return loaded.conversations
-
-
-def _read_records(path: Path) -> list[tuple[str, object]]:
-    """The file's parsed records, each with where it is: 'file:line' (JSONL) or 'file[index]' (a list)."""
-    text = _read_utf8(path)
-    if text.lstrip().startswith("["):
-        located_records = _parse_json_list(path, text)
-    else:
-        located_records = _parse_jsonl(path, text)
-    if not located_records:
-        raise LorafitError(f"{path}: no records (the file is empty or holds only blank lines)")
-    return located_records
-
-
-def _read_utf8(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise LorafitError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise LorafitError(f"{path}: is a directory; expected a .jsonl or .json file") from None
-    except OSError as err:
-        raise LorafitError(f"{path}: cannot read the data file ({err.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise LorafitError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8"
-        ) from None
-    return text.removeprefix("\ufeff")  # editors on Windows like to add a byte-order mark
-
-
-def _parse_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
-    records = []
-    # split on "\n" only: str.splitlines would also split on U+2028, which JSON allows inside strings
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            if _is_one_json_object(text):
-                raise LorafitError(
-                    f"{path}: the file holds a single JSON object; expected one object per line "
-                    "(JSONL) or a JSON list of objects"
-                ) from None
-            raise LorafitError(f"{path}:{number}: malformed JSON: {err.msg} (column {err.colno})") from None
-        except (RecursionError, ValueError) as err:
-            raise LorafitError(f"{path}:{number}: {_beyond_parser_limits(err)}") from None
-    return records
-
-
-def _is_one_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except (RecursionError, ValueError):  # ValueError includes JSONDecodeError
-        return False
-
-
-def _parse_json_list(path: Path, text: str) -> list[tuple[str, object]]:
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise LorafitError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
-    except (RecursionError, ValueError) as err:
-        raise LorafitError(f"{_locate_refused_record(path, text)}: {_beyond_parser_limits(err)}") from None
-    return [(f"{path}[{index}]", record) for index, record in enumerate(records)]
-
-
-def _beyond_parser_limits(err: Exception) -> str:
-    """Why Python's JSON parser refused valid JSON: it recurses once per nesting level and caps integer size."""
-    if isinstance(err, RecursionError):
-        return "a value is nested too deeply for Python's JSON parser (its recursion limit); flatten it"
-    if "integer string conversion" in str(err):
-        return (
-            f"an integer has more than {sys.get_int_max_str_digits()} digits, the most Python's JSON parser "
-            "reads; write it as a string"
-        )
-    return f"Python's JSON parser refused it: {err}"
-
-
-def _locate_refused_record(path: Path, text: str) -> str:
-    """'file:line: record [i]' for the list element the parser refuses, found by parsing one element at a time.
-
-    The parser reports no position for a RecursionError or an oversized integer, so the elements before
-    the refused one are decoded again to find where it starts; just the file when that fails too.
-    """
-    decoder = json.JSONDecoder()
-    position, index = _skip_json_space(text, text.index("[") + 1), 0
-    while position < len(text) and text[position] != "]":
-        start = position
-        try:
-            _, position = decoder.raw_decode(text, start)
-        except (RecursionError, ValueError):
-            return f"{path}:{text.count(chr(10), 0, start) + 1}: record [{index}]"
-        position = _skip_json_space(text, position)
-        if not text.startswith(",", position):
-            break
-        position, index = _skip_json_space(text, position + 1), index + 1
-    return str(path)
-
-
-def _skip_json_space(text: str, position: int) -> int:
-    while position < len(text) and text[position] in " \t\n\r":
-        position += 1
-    return position
 
 
 def _normalise(record: object, where: str) -> tuple[list[dict], list[str]]:
@@ -206,7 +135,8 @@ def _normalise(record: object, where: str) -> tuple[list[dict], list[str]]:
         turns = [{"role": TEXT_ROLE, "content": _string(record["text"], where, "text")}]
         return turns, _unused_fields(record, ("text",), {})
     raise LorafitError(
-        f"{where}: record with keys {sorted(record)} matches no accepted shape; expected {ACCEPTED_SHAPES}"
+        f"{where}: record with keys {sorted(record)} matches no accepted shape; expected {ACCEPTED_SHAPES} "
+        "(--columns maps other names to these, e.g. --columns output=answer)"
     )
 
 

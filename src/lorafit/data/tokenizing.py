@@ -11,12 +11,16 @@ import random
 from dataclasses import dataclass, field
 from itertools import groupby
 
-# chat templates are jinja; transformers needs it for apply_chat_template
-from jinja2 import TemplateError
+import numpy as np
 
-from lorafit.data.records import (
-    TEXT_ROLE,
-    read_examples,  # noqa: F401  re-exported: the train and evaluate commands import it from here
+from lorafit.data.encoding import (
+    CUT,
+    CUT_TO_NOTHING,
+    NOTHING_TRAINED,
+    PLAIN_TEMPLATE,
+    ConversationEncoder,
+    EncodedRecord,
+    tokenizer_adds_bos,
 )
 from lorafit.errors import LorafitError
 
@@ -25,22 +29,7 @@ OVERFLOW_CHOICES = ("truncate", "skip")
 DROPPED_TOO_LONG = "longer than max_length"
 DROPPED_ALL_MASKED = "no trained tokens"
 MOSTLY_MASKED_FRACTION = 0.9
-
-# Used when the tokenizer has no chat template (base models such as GPT-2). Written as a chat template
-# so both cases go through the same span-finding code. Each response ends with EOS so the model learns
-# to stop; turns after the first are separated by a blank line. Literal text sits in {{ '...' }}
-# because transformers renders templates with trim_blocks, which eats a newline after a block tag.
-PLAIN_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
-    "{% if message.role == 'system' %}{{ message.content }}"
-    "{% elif message.role == 'user' %}{{ '### Instruction:\\n' + message.content }}"
-    "{% else %}{{ '### Response:\\n' + message.content + eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
-)
-
+ENCODE_BATCH = 1024  # conversations per tokenizer call: large enough to spread over the cores, small in memory
 
 # --- tokenising -----------------------------------------------------------------------------------
 
@@ -72,72 +61,24 @@ def tokenize_conversation(
 
     Labels cover every assistant turn, including the template's end-of-turn tokens, so the model
     learns to stop; the prompt is masked unless train_on_prompt. The sequence ends with EOS. Longer
-    than max_length: overflow="truncate" keeps the start, "skip" marks the example dropped.
+    than max_length: overflow="truncate" keeps the start, "skip" marks the example dropped. Many
+    conversations at once: ConversationEncoder (data/encoding.py), which this calls with one.
     """
     _check_length_options(max_length, overflow)
-    eos_id = _eos_id(tokenizer)
-    if not messages:
-        raise LorafitError("a conversation has no messages")
-    if messages[0]["role"] == TEXT_ROLE:
-        input_ids = _encode(tokenizer, messages[0]["content"], add_bos=_tokenizer_adds_bos(tokenizer))
-        labels = list(input_ids)
-    else:
-        input_ids, labels = _tokenize_chat(tokenizer, messages, train_on_prompt, eos_id)
-    input_ids, labels = _end_with_eos(tokenizer, input_ids, labels, eos_id)
-    return _fit_to_length(input_ids, labels, max_length, overflow)
+    [record] = ConversationEncoder(tokenizer, max_length, train_on_prompt).encode([messages], [""])
+    return as_example(record, overflow)
 
 
-def _tokenize_chat(tokenizer, messages: list[dict], train_on_prompt: bool, eos_id: int) -> tuple[list[int], list[int]]:
-    """Find each assistant turn's tokens by rendering the conversation up to it.
-
-    The turn's tokens are those the rendering of messages[:i+1] adds to that of messages[:i] with the
-    generation prompt. That only works for a template that renders earlier turns the same however
-    many turns follow (prefix-stable); we check that on the text and refuse templates that are not.
-    Whitespace a template puts after a turn's EOS (ChatML's newline) is not trained: generation stops
-    at EOS and never produces it.
-    """
-    replies = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    if not replies:
-        raise LorafitError("a conversation has no assistant turn, so there is nothing to train on")
-    # Turns after the last assistant reply would only be masked prompt with nothing to predict after them.
-    last_reply = replies[-1]
-    messages = messages[: last_reply + 1]
-    has_template = bool(tokenizer.chat_template)
-    add_bos = not has_template and _tokenizer_adds_bos(tokenizer)  # a real template places BOS itself
-
-    def render(turns: list[dict], add_generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                turns,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                chat_template=None if has_template else PLAIN_TEMPLATE,
-            )
-        except TemplateError as err:  # e.g. a template's raise_exception("roles must alternate")
-            raise LorafitError(f"the chat template rejected the conversation: {err}") from None
-
-    full_text = render(messages, add_generation_prompt=False)
-    input_ids = _encode(tokenizer, full_text, add_bos)
-    labels = list(input_ids) if train_on_prompt else [IGNORE_INDEX] * len(input_ids)
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt_text = render(messages[:index], add_generation_prompt=True)
-        turn_text = render(messages[: index + 1], add_generation_prompt=False)
-        if not (full_text.startswith(turn_text) and turn_text.startswith(prompt_text)):
-            raise LorafitError(
-                f"the chat template is not prefix-stable: its rendering up to assistant turn {index} is not "
-                "the start of the longer conversation's rendering, so the trained tokens cannot be located; "
-                "use a template that renders earlier turns identically, or plain 'text' records"
-            )
-        # Compare token ids rather than assume the text boundary is a token boundary: where a tokenizer
-        # merges across it, the merged token holds the reply's first characters and is trained.
-        start = _shared_prefix_length(_encode(tokenizer, prompt_text, add_bos), input_ids)
-        end = _shared_prefix_length(_encode(tokenizer, turn_text, add_bos), input_ids)
-        stop = _stop_position(tokenizer, input_ids[start:end], eos_id)
-        end = end if stop is None else start + stop
-        labels[start:end] = input_ids[start:end]
-    return input_ids, labels
+def as_example(record: EncodedRecord, overflow: str) -> TokenizedExample:
+    """The training example an encoded record gives under `overflow`, or why it is dropped."""
+    ids = record.ids.tolist()
+    labels = np.where(record.trained, record.ids, IGNORE_INDEX).tolist()
+    cut = record.outcome in (CUT, CUT_TO_NOTHING)
+    if cut and overflow == "skip":
+        return TokenizedExample(ids, labels, truncated=True, dropped=DROPPED_TOO_LONG)
+    if record.outcome in (NOTHING_TRAINED, CUT_TO_NOTHING):
+        return TokenizedExample(ids, labels, truncated=cut, dropped=DROPPED_ALL_MASKED)
+    return TokenizedExample(ids, labels, truncated=cut)
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -150,39 +91,7 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, chat_template=None if has_template else PLAIN_TEMPLATE
     )
-    return _encode(tokenizer, text, add_bos=not has_template and _tokenizer_adds_bos(tokenizer))
-
-
-def _end_with_eos(tokenizer, input_ids: list[int], labels: list[int], eos_id: int) -> tuple[list[int], list[int]]:
-    """Make the sequence end with a trained EOS, the token generation stops on.
-
-    ChatML-style templates close a turn with EOS and then a newline; nothing after the stop token is
-    ever generated, so such trailing whitespace is dropped instead of appending a second EOS.
-    """
-    stop = _stop_position(tokenizer, input_ids, eos_id)
-    if stop is not None and labels[stop - 1] != IGNORE_INDEX:
-        return input_ids[:stop], labels[:stop]
-    return input_ids + [eos_id], labels + [eos_id]
-
-
-def _stop_position(tokenizer, ids: list[int], eos_id: int) -> int | None:
-    """Index just past the last EOS in ids when only whitespace follows it, else None."""
-    if eos_id not in ids:
-        return None
-    past_eos = len(ids) - ids[::-1].index(eos_id)
-    return None if tokenizer.decode(ids[past_eos:]).strip() else past_eos
-
-
-def _fit_to_length(input_ids: list[int], labels: list[int], max_length: int, overflow: str) -> TokenizedExample:
-    truncated = False
-    if len(input_ids) > max_length:
-        if overflow == "skip":
-            return TokenizedExample(input_ids, labels, dropped=DROPPED_TOO_LONG)
-        input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], True
-    # labels[0] cannot be predicted: a lone trained first token (an empty text's EOS) gives the loss nothing
-    if all(label == IGNORE_INDEX for label in labels[1:]):
-        return TokenizedExample(input_ids, labels, truncated, dropped=DROPPED_ALL_MASKED)
-    return TokenizedExample(input_ids, labels, truncated)
+    return _encode(tokenizer, text, add_bos=not has_template and tokenizer_adds_bos(tokenizer))
 
 
 def _encode(tokenizer, text: str, add_bos: bool) -> list[int]:
@@ -191,33 +100,6 @@ def _encode(tokenizer, text: str, add_bos: bool) -> list[int]:
     if add_bos and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id] + ids
     return ids
-
-
-def _tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether plain tokenizer(text) starts with BOS; text without a template should look the same."""
-    if tokenizer.bos_token_id is None:
-        return False
-    probe = tokenizer("a")["input_ids"]
-    return (
-        probe[:1] == [tokenizer.bos_token_id] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != probe[:1]
-    )
-
-
-def _shared_prefix_length(first: list[int], second: list[int]) -> int:
-    length = 0
-    for a, b in zip(first, second, strict=False):  # lengths differ
-        if a != b:
-            break
-        length += 1
-    return length
-
-
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise LorafitError(
-            "the tokenizer has no EOS token, so the model could not learn to stop; set tokenizer.eos_token"
-        )
-    return tokenizer.eos_token_id
 
 
 def _check_length_options(max_length: int, overflow: str) -> None:
@@ -288,26 +170,27 @@ def build_dataset(
     """
     _check_length_options(max_length, overflow)
     prefix = f"{source}: " if source else ""
+    encoder = ConversationEncoder(tokenizer, max_length, train_on_prompt)
     stats = DataStats(examples_in=len(conversations))
     kept = []
     cut_to_nothing = 0  # all-masked because truncation removed the reply, as opposed to nothing to train at all
-    for index, messages in enumerate(conversations):
-        try:
-            example = tokenize_conversation(tokenizer, messages, max_length, train_on_prompt, overflow)
-        except LorafitError as err:
-            raise LorafitError(f"{prefix}example {index}: {err}") from None
-        if example.dropped == DROPPED_TOO_LONG:
-            stats.skipped_too_long += 1
-        elif example.dropped == DROPPED_ALL_MASKED:
-            stats.dropped_all_masked += 1
-            cut_to_nothing += example.truncated
-        else:
-            kept.append(example)
-            stats.kept += 1
-            stats.kept_indices.append(index)
-            stats.truncated += example.truncated
-            stats.total_tokens += len(example.input_ids)
-            stats.label_tokens += example.trained_token_count
+    for first in range(0, len(conversations), ENCODE_BATCH):
+        batch = conversations[first : first + ENCODE_BATCH]
+        places = [f"{prefix}example {index}" for index in range(first, first + len(batch))]
+        for index, record in enumerate(encoder.encode(batch, places), start=first):
+            example = as_example(record, overflow)
+            if example.dropped == DROPPED_TOO_LONG:
+                stats.skipped_too_long += 1
+            elif example.dropped == DROPPED_ALL_MASKED:
+                stats.dropped_all_masked += 1
+                cut_to_nothing += example.truncated
+            else:
+                kept.append(example)
+                stats.kept += 1
+                stats.kept_indices.append(index)
+                stats.truncated += example.truncated
+                stats.total_tokens += len(example.input_ids)
+                stats.label_tokens += example.trained_token_count
     if not kept:
         why = _why_none_left(stats, max_length, cut_to_nothing, overflow_applies=purpose == "training")
         raise LorafitError(f"{prefix}no {purpose} examples left: {why}")
@@ -357,17 +240,37 @@ def split_examples(items: list, held_out: float, seed: int) -> tuple[list, list]
     held_out is a fraction in [0, 1) or a count; a non-zero fraction holds out at least one item.
     """
     count = _held_out_count(held_out, len(items))
-    if count and count >= len(items):
-        raise LorafitError(
-            f"holding out {count} of {len(items)} examples leaves none to train on; pass --held-out 0 "
-            "(train on all of it, no held-out evaluation) or give --eval-data FILE"
-        )
+    _check_some_left(count, len(items))
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     held_indices = set(order[:count])
     train = [item for index, item in enumerate(items) if index not in held_indices]
     held = [item for index, item in enumerate(items) if index in held_indices]
     return train, held
+
+
+def held_out_count(held_out: float, total: int, capped: bool = False, cap: int = 0) -> tuple[int, str]:
+    """How many of `total` records to hold out, and the sentence that says so. With `capped` (the default
+    fraction, not one the user gave) a fraction holds out at most `cap`: 5% of a million records would
+    otherwise keep 50,000 examples from training to score a few hundred."""
+    count = _held_out_count(held_out, total)
+    if capped and count > cap and not isinstance(held_out, int):
+        count = cap
+    _check_some_left(count, total)
+    if isinstance(held_out, int) and not isinstance(held_out, bool):
+        return count, f"{count} of {total} examples (--held-out {held_out})"
+    if capped and count == cap and _held_out_count(held_out, total) > cap:
+        return cap, (f"{cap} of {total} examples ({held_out:g} of them would be {_held_out_count(held_out, total)}, "
+                     f"capped at {cap}; --held-out sets it)")
+    return count, f"{count} of {total} examples ({held_out:g})"
+
+
+def _check_some_left(count: int, total: int) -> None:
+    if count and count >= total:
+        raise LorafitError(
+            f"holding out {count} of {total} examples leaves none to train on; pass --held-out 0 "
+            "(train on all of it, no held-out evaluation) or give --eval-data FILE"
+        )
 
 
 def _held_out_count(held_out: float, total: int) -> int:

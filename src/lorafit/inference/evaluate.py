@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from lorafit.data.prepared import prepare_conversations
 from lorafit.data.tasks import evaluation_pairs, exact_match
-from lorafit.data.tokenizing import DataStats, build_dataset
+from lorafit.data.tokenizing import DataStats
 from lorafit.inference.generation import generate_replies
 from lorafit.train.batching import collate_padded
 from lorafit.train.loss import summed_token_loss
@@ -20,7 +22,11 @@ from lorafit.train.loss import summed_token_loss
 
 @dataclass
 class HeldOut:
-    """Held-out examples tokenised for the loss, the same conversations for exact match, and what was left out."""
+    """Held-out examples tokenised for the loss, the same conversations for exact match, and what was left out.
+
+    At most `count` examples are scored (--eval-examples): the first that fit max_length whole, so a big
+    held-out file costs its preparation (cached), never minutes of scoring before the first step.
+    """
 
     examples: list
     conversations: list
@@ -35,13 +41,25 @@ class HeldOut:
                 f"({self.stats.skipped_too_long} longer than --max-length {max_length}, "
                 f"{self.stats.dropped_all_masked} with nothing to predict)")
 
+    def describe_scored(self, max_new_tokens: int) -> str:
+        kinds = "loss and exact match" if max_new_tokens else "loss (no exact match: --max-new-tokens 0)"
+        capped = f" (the first of {self.stats.kept} that fit; --eval-examples)" if len(self.examples) < self.stats.kept \
+            else ""
+        return f"{kinds} on {len(self.examples)} examples{capped}"
+
+
+def held_out_from(prepared, records, count: int, source: str | None = None) -> HeldOut:
+    """The first `count` of `records` (of a PreparedData) that fit its max_length whole, for loss and exact match."""
+    examples, stats = prepared.select(records, "skip", purpose="held-out", source=source or "")
+    scored = examples.first(count)
+    return HeldOut(scored, scored.conversations(), stats)
+
 
 def held_out_set(tokenizer, conversations: list, max_length: int, train_on_prompt: bool = False,
-                 source: str | None = None) -> HeldOut:
-    """The examples that fit max_length whole, for both the loss and exact match."""
-    examples, stats = build_dataset(tokenizer, conversations, max_length, train_on_prompt, "skip",
-                                    source=source, purpose="held-out")
-    return HeldOut(examples, [conversations[i] for i in stats.kept_indices], stats)
+                 source: str | None = None, count: int | None = None) -> HeldOut:
+    """The conversations (in memory) that fit max_length whole, at most `count` of them, for loss and exact match."""
+    prepared = prepare_conversations(tokenizer, conversations, max_length, train_on_prompt, source or "held-out data")
+    return held_out_from(prepared, np.arange(len(prepared)), len(conversations) if count is None else count, source)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from lorafit.errors import LorafitError, first_line
-from lorafit.files import apply_default_permissions
+from lorafit.files import apply_default_permissions, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ def default_model_path() -> Path:
 
 def model_cache_dir() -> Path:
     """Where converted GGUF models are kept: `$LORAFIT_CACHE/models`, else `~/.cache/lorafit/models`."""
-    root = os.environ.get("LORAFIT_CACHE")
-    if root:
-        return Path(root).expanduser() / "models"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "lorafit" / "models"
+    return cache_dir("models")
 
 
 def gguf_cache_folder(gguf_file: str | os.PathLike) -> Path:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorafit.data.prepared import example_lengths
 from lorafit.errors import LorafitError
 from lorafit.planner.plan import Planner
 from lorafit.planner.runtime import mem_available, resident_bytes
@@ -39,7 +40,7 @@ def _largest_call(examples: list, collate: Callable) -> int:
 
 def worst_micro_batch(examples: list, batch_size: int, seed: int, collate: Callable) -> list:
     """The first epoch's micro-batch with the largest forward call, as the loop will lay it out."""
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = example_lengths(examples)
     plan = plan_batches(lengths, batch_size, seed, 0)
     # cheap filter first: the micro-batches holding the most tokens or the longest example
     candidates = sorted(plan, key=lambda b: (sum(lengths[i] for i in b), max(lengths[i] for i in b)))[-4:]

@@ -104,22 +104,21 @@ def restore_run_settings(config: TrainConfig, given: set[str]) -> tuple[TrainCon
     return TrainConfig(**restored), run, checkpoint
 
 
-def check_same_inputs(record: Optional[dict], config: TrainConfig, run: Path) -> None:
-    """On resume, the data files must be the ones the run started from (their SHA-256 in the marker)."""
-    from lorafit.models.identity import file_sha256
-
+def check_same_inputs(record: Optional[dict], fingerprints: dict[str, str], run: Path) -> None:
+    """On resume, the data must be what the run started from: every file of it (fingerprints: setting name ->
+    DataSource.fingerprint(), for a single file its SHA-256, as the run's marker recorded them)."""
     if record is None:
         return
     for name in ("data", "eval_data"):
         entry = record.get(name)
         if not isinstance(entry, dict) or "sha256" not in entry:
             continue
-        path = getattr(config, name)
-        if path is None or not Path(path).is_file():
-            raise LorafitError(f"{flag(name)} {path}: the file the run was trained on is gone; resume needs it")
-        if file_sha256(Path(path)) != entry["sha256"]:
-            raise LorafitError(f"{flag(name)} {path} has changed since the run started (its SHA-256 differs from the "
-                               f"one in {run / 'lorafit-run.json'}); resume needs the same data, or start a new run")
+        if name not in fingerprints:
+            raise LorafitError(f"{flag(name)}: the run was trained with {entry.get('path')}; resume needs it")
+        if fingerprints[name] != entry["sha256"]:
+            raise LorafitError(f"{flag(name)} {entry.get('path')} has changed since the run started (its SHA-256 over "
+                               f"every file differs from the one in {run / 'lorafit-run.json'}); resume needs the same "
+                               "data, or start a new run")
 
 
 @dataclass

@@ -105,28 +105,13 @@ class TrainingJob:
             self.echo(line)
 
     def read_data(self) -> None:
-        """(training conversations, held-out conversations), with every ignored field reported."""
-        from lorafit.data.records import read_examples
-        from lorafit.data.tasks import date_task_splits
-        from lorafit.data.tokenizing import split_examples
+        """--data and --eval-data opened, their columns checked and their bytes fingerprinted; no row read yet
+        (recipes/train_data.py). On resume the fingerprints must be the run's."""
+        from lorafit.recipes.train_data import open_training_data
 
-        config, echo = self.config, self.echo
-        if config.data is None:
-            self.train_chats, self.held_chats = date_task_splits(BUILTIN.train_examples, BUILTIN.held_out_examples,
-                                                                 config.seed)
-            echo(f"data: built-in date task, {len(self.train_chats)} train / {len(self.held_chats)} held-out examples")
-        else:
-            files = [read_examples(config.data)] + ([read_examples(config.eval_data)] if config.eval_data else [])
-            for note in (note for loaded in files for note in loaded.ignored):
-                echo(f"warning: {note}")
-            if config.eval_data:
-                self.train_chats, self.held_chats = files[0].conversations, files[1].conversations
-            else:
-                held_out = int(config.held_out) if config.held_out >= 1 else config.held_out
-                self.train_chats, self.held_chats = split_examples(files[0].conversations, held_out, config.seed)
-            echo(f"data: {config.data}, {len(self.train_chats)} train / {len(self.held_chats)} held-out examples")
+        self.data = open_training_data(self.config, self.given, self.echo)
         if self.resume is not None:
-            check_same_inputs(self.start_record.record, config, self.run_dir)
+            check_same_inputs(self.start_record.record, self.data.fingerprints, self.run_dir)
 
     def load_model(self) -> None:
         """The base model and tokenizer as the settings say; on resume, checked to be the run's own base."""
@@ -152,25 +137,14 @@ class TrainingJob:
             check_compile(model, COMPILE_BACKEND, model.device)
 
     def tokenize(self) -> None:
-        """Training examples and the held-out set (the same examples for loss and exact match)."""
-        from lorafit.data.tokenizing import build_dataset, render_example
-        from lorafit.inference.evaluate import held_out_set
+        """Training examples and the held-out set (the same examples for loss and exact match): the data encoded
+        in batches and cached (data/prepared.py), or the cached arrays reused."""
+        from lorafit.data.tokenizing import render_example
+        from lorafit.recipes.train_data import training_examples
 
-        config, echo = self.config, self.echo
-        self.train_set, stats = build_dataset(self.tokenizer, self.train_chats, config.max_length,
-                                              config.train_on_prompt, config.overflow,
-                                              source=config.data or "the built-in task")
-        echo(stats.summary())
-        for warning in stats.warnings():
-            echo(f"warning: {warning}")
-        self.held_set, self.eval_conversations = [], []
-        if self.held_chats:
-            source = config.eval_data or (f"the held-out part of {config.data}" if config.data else "the built-in task")
-            held = held_out_set(self.tokenizer, self.held_chats, config.max_length, config.train_on_prompt, source)
-            if held.left_out:
-                echo(f"warning: {held.describe_left_out(config.max_length)}")
-            self.held_set, self.eval_conversations = held.examples, held.conversations[: config.eval_examples]
-        echo("one training example as the model sees it:\n" + render_example(self.tokenizer, self.train_set[0]))
+        self.train_set, self.held_set, self.eval_conversations = training_examples(
+            self.data, self.tokenizer, self.config, self.given, self.echo)
+        self.echo("one training example as the model sees it:\n" + render_example(self.tokenizer, self.train_set[0]))
 
     def plan_schedule(self) -> None:
         """Batch size (planned for `auto`), steps, peak learning rate and warm-up."""
@@ -234,7 +208,7 @@ class TrainingJob:
         if not self.main:
             return
         if self.resume is None:
-            _write_new_run(self.run_dir, config, self.resolved, self.identity, self.before)
+            _write_new_run(self.run_dir, config, self.resolved, self.identity, self.before, self.data)
             return
         if self.resolved != {**read_run_settings(self.run_dir, keep_report=True), "resume": None}:
             write_text(self.run_dir / run_folder.CONFIG, _yaml(self.resolved))  # a longer run, other save/eval settings
@@ -326,21 +300,17 @@ def steps_for_epochs(examples: int, batch_size: int, grad_accum: int, epochs: fl
     return max(1, round(per_epoch * epochs))
 
 
-def _write_new_run(run_dir: Path, config: TrainConfig, resolved: dict, identity: dict, before: dict) -> None:
+def _write_new_run(run_dir: Path, config: TrainConfig, resolved: dict, identity: dict, before: dict, data) -> None:
     """The first files of a new run: the marker first (so the folder is known as lorafit's), then the
     settings and the metrics before training. An earlier run there (--overwrite) is cleared just before."""
-    from lorafit.models.identity import file_sha256
-
     if config.overwrite and run_dir.exists():
         run_folder.clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_folder.write_marker(run_dir, {
         "lorafit_version": __version__,
         "base_model": identity,
-        "data": {"path": resolved["data"], "sha256": file_sha256(Path(config.data))} if config.data else
-        {"builtin": "date task", "seed": config.seed},
-        "eval_data": {"path": resolved["eval_data"], "sha256": file_sha256(Path(config.eval_data))}
-        if config.eval_data else None,
+        "data": data.record("data") if config.data else {"builtin": "date task", "seed": config.seed},
+        "eval_data": data.record("eval_data"),
     })
     write_text(run_dir / run_folder.CONFIG, _yaml(resolved))
     write_json(run_dir / run_folder.METRICS, {"before": before, "after": None}, sort_keys=False)

@@ -38,13 +38,18 @@ class TrainSettings(ModelLoadOptions):
     """The settings of `lorafit train` every method shares; TrainConfig adds each method's own options."""
 
     data: Optional[str] = None
-    """JSONL/JSON instruction data: alpaca, chat messages, ShareGPT, prompt/completion or text records
-    (default: the built-in date-rewriting task)."""
+    """Instruction data: a .jsonl/.json (also .gz), .parquet, .csv/.tsv or .arrow file, a folder of such files, a glob
+    ('shards/*.parquet') or a datasets save_to_disk folder; records in alpaca, chat messages, ShareGPT,
+    prompt/completion or text form (default: the built-in date-rewriting task). Tokenised once and cached."""
     eval_data: Optional[str] = None
-    """Held-out data file (default: a split of --data)."""
+    """Held-out data, in any form --data takes (default: a datasets folder's validation or test split, else a split
+    of --data)."""
+    columns: Optional[list[str]] = None
+    """The data's own names for lorafit's record fields, as KEY=COLUMN items: instruction=question output=answer;
+    for chat columns also role_tag=from content_tag=value user_tag=human assistant_tag=gpt system_tag=system."""
     held_out: float = 0.05
-    """Part of --data held out for evaluation when --eval-data is not given: a fraction in [0, 1) or a count
-    (the built-in task holds out its own 100 examples)."""
+    """Part of --data held out for evaluation when --eval-data is not given: a fraction in [0, 1) or a count. The
+    default 5% holds out at most 1000 examples (the built-in task holds out its own 100)."""
     method: MethodName = DEFAULT_METHOD
     """Adapter method (its own flags are refused with another method)."""
     targets: Optional[list[str]] = None
@@ -85,9 +90,10 @@ class TrainSettings(ModelLoadOptions):
     eval_every: int = 0
     """Held-out loss every N steps (0: only before and after)."""
     eval_examples: int = 100
-    """Held-out examples used for exact match (greedy generation); 0 skips exact match."""
+    """Held-out examples scored, by the loss and exact match alike: the first N that fit --max-length whole
+    (0: no held-out scoring)."""
     max_new_tokens: int = 32
-    """Generation length for exact match."""
+    """Generation length for exact match (0: no exact match, the held-out loss only)."""
     save_every: int = 50
     """Checkpoint every N steps, and at the end (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -140,6 +146,7 @@ def _with_method_options(settings: type) -> type:
 TrainConfig = _with_method_options(TrainSettings)
 
 DEFAULT_LR = 2e-4
+DEFAULT_HELD_OUT_CAP = 1000  # the default --held-out fraction holds out at most this many examples
 
 
 # What --resume takes from the command line; every other setting comes from the run's config.yaml.
@@ -174,14 +181,14 @@ def check_settings(config: TrainConfig, given: set[str]) -> None:
     if config.batch_size != "auto" and not isinstance(config.batch_size, int):
         raise LorafitError(f"--batch-size must be a number >= 1 or 'auto', got {config.batch_size!r}")
     check_ranges(config)  # the methods' own options (--r, --alpha, --dropout, ...)
-    for name in ("batch_size", "grad_accum", "max_new_tokens", "row_tokens", "keep_checkpoints"):
+    for name in ("batch_size", "grad_accum", "row_tokens", "keep_checkpoints"):
         if name == "batch_size" and config.batch_size == "auto":
             continue
         if getattr(config, name) < 1:
             raise LorafitError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
     if config.max_length < 2:
         raise LorafitError(f"--max-length must be >= 2, got {config.max_length}")
-    for name in ("eval_examples", "warmup_steps", "eval_every", "save_every"):
+    for name in ("eval_examples", "max_new_tokens", "warmup_steps", "eval_every", "save_every"):
         value = getattr(config, name)
         if value is not None and value < 0:
             raise LorafitError(f"{flag(name)} must be >= 0, got {value}")
@@ -201,7 +208,13 @@ def check_settings(config: TrainConfig, given: set[str]) -> None:
     if config.dtype is not None and config.dtype not in typing.get_args(ModelDtype):  # a library caller's value
         raise LorafitError(f"--dtype {config.dtype!r} is unknown; use float32, bfloat16 or float16")
     quantize_settings(config.quantize, config.double_quant)
+    if config.columns is not None:
+        from lorafit.data.columns import ColumnMap
+
+        ColumnMap.parse(config.columns)
     if config.data is None:
+        if config.columns:
+            raise LorafitError("--columns names the columns of --data; the built-in task has its own")
         if config.eval_data:
             raise LorafitError("--eval-data needs --data (the built-in task makes its own held-out split)")
         if "held_out" in given:

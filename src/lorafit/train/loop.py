@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from lorafit.data.prepared import example_lengths
 from lorafit.errors import LorafitError
 from lorafit.heap import release_freed_memory
 from lorafit.train.attention import use_fp32_attention
@@ -93,7 +94,7 @@ def train(model, examples: list, settings: LoopSettings, run_dir: Path, *, pad_i
     run = setup_training(model, settings, run_dir, pad_id=pad_id, vocab_size=vocab_size, resume=resume, echo=echo,
                          writes=main, same_calls_everywhere=sharded)
     position, checkpoints = run.position, run_dir / "checkpoints"
-    stream = _micro_batches([len(e.input_ids) for e in examples], settings, position)
+    stream = _micro_batches(example_lengths(examples), settings, position)
     result = TrainResult(steps_done=position.step, start_step=position.step)
     if settings.gradient_checkpointing:
         set_activation_checkpointing(model, True)

@@ -1,0 +1,195 @@
+"""The prepared-data cache's files: written batch by batch and hashed as they go, checked before each use.
+
+An entry is a folder in lorafit's cache (`$LORAFIT_CACHE/data/<key>`) holding one binary file per array
+(data/prepared.py says what each holds), the conversations as JSON lines, and prepared.json: the format,
+the key, each file's size and SHA-256, and the reader's notes. It is written in a temporary folder and
+renamed into place when complete; an entry whose files do not match its manifest is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from lorafit.data.encoding import CUT, FITS
+from lorafit.errors import LorafitError, first_line
+from lorafit.files import cache_dir
+
+# Bump when the arrays' layout, the encoding (data/encoding.py) or the records' reading (data/records.py)
+# changes what a cached entry holds: entries of another version are never used.
+PREPARED_FORMAT = 1
+MANIFEST = "prepared.json"
+# array name -> numpy dtype of its elements
+ARRAYS = {"tokens": np.int32, "trained": np.bool_, "starts": np.int64, "outcomes": np.uint8,
+          "trained_counts": np.int32, "conversation_starts": np.int64}
+CONVERSATIONS = "conversations.jsonl"
+
+
+class Writer:
+    """Appends encoded batches to the arrays' files (or to memory), hashing every byte as it goes."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        names = [*ARRAYS, CONVERSATIONS]
+        self.files = {name: (open(folder / _file_name(name), "wb") if folder else _MemoryFile()) for name in names}
+        self.hashes = {name: hashlib.sha256() for name in names}
+        self.token_count = 0
+        self.conversation_bytes = 0
+        self.records = 0
+        self._write("starts", np.zeros(1, np.int64))
+        self._write("conversation_starts", np.zeros(1, np.int64))
+
+    def add(self, encoded: list, conversations: list[list[dict]]) -> None:
+        keep = [record.outcome in (FITS, CUT) for record in encoded]
+        ids = [record.ids for record, kept in zip(encoded, keep) if kept]
+        trained = [record.trained for record, kept in zip(encoded, keep) if kept]
+        lengths = np.asarray([len(record.ids) if kept else 0 for record, kept in zip(encoded, keep)], np.int64)
+        counts = np.asarray([int(record.trained[1:].sum()) if kept else 0 for record, kept in zip(encoded, keep)],
+                            np.int32)
+        if ids:
+            self._write("tokens", np.concatenate(ids).astype(np.int32, copy=False))
+            self._write("trained", np.concatenate(trained).astype(np.bool_, copy=False))
+        self._write("starts", self.token_count + np.cumsum(lengths))
+        self.token_count += int(lengths.sum())
+        self._write("outcomes", np.asarray([record.outcome for record in encoded], np.uint8))
+        self._write("trained_counts", counts)
+        lines = [json.dumps(conversation, ensure_ascii=False).encode() for conversation in conversations]
+        self._write(CONVERSATIONS, b"".join(lines))
+        self._write("conversation_starts", self.conversation_bytes + np.cumsum([len(line) for line in lines]))
+        self.conversation_bytes += sum(len(line) for line in lines)
+        self.records += len(encoded)
+
+    def _write(self, name: str, data) -> None:
+        raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
+        self.files[name].write(raw)
+        self.hashes[name].update(raw)
+
+    def finish(self, manifest: dict) -> tuple[dict, bytes] | None:
+        """Close the files; in memory, return (arrays, conversations); on disk, write the manifest last."""
+        if self.records == 0:
+            raise LorafitError("the data holds no records")
+        for handle in self.files.values():
+            if self.folder is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+            handle.close()
+        if self.folder is None:
+            arrays = {name: np.frombuffer(self.files[name].getvalue(), dtype) for name, dtype in ARRAYS.items()}
+            return arrays, self.files[CONVERSATIONS].getvalue()
+        manifest = {"format": PREPARED_FORMAT, **manifest, "records": self.records, "tokens": self.token_count,
+                    "files": {_file_name(name): {"bytes": (self.folder / _file_name(name)).stat().st_size,
+                                                 "sha256": digest.hexdigest()}
+                              for name, digest in self.hashes.items()}}
+        (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        return None
+
+
+class _MemoryFile:
+    """A bytearray with a file's write/close, for data kept in memory."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def write(self, raw: bytes) -> None:
+        self.buffer += raw
+
+    def close(self) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        return bytes(self.buffer)
+
+
+def _file_name(name: str) -> str:
+    return name if name == CONVERSATIONS else f"{name}.bin"
+
+
+# -- the cache -------------------------------------------------------------------------------------------
+def data_cache_dir() -> Path:
+    """Where prepared data is kept: `$LORAFIT_DATA_CACHE` (a disk with room for big data), else
+    `$LORAFIT_CACHE/data`, else `~/.cache/lorafit/data`."""
+    own = os.environ.get("LORAFIT_DATA_CACHE")
+    return Path(own).expanduser() if own else cache_dir("data")
+
+
+def read_entry(folder: Path, key: str, echo, fresh: bool = False) -> tuple[dict, np.ndarray, dict] | None:
+    """(arrays, conversations, manifest) of the entry in `folder`, memory-mapped, if it is complete and every file
+    matches its manifest; None (said with `echo` when an entry is there but damaged) otherwise."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        if folder.exists() and not fresh:
+            echo(f"warning: the prepared-data cache entry {folder} is incomplete; preparing the data again")
+        return None
+    why = _damage(folder, manifest_path, key, check_contents=not fresh)  # fresh: hashed while writing it
+    if why:
+        echo(f"warning: the prepared-data cache entry {folder} is damaged ({why}); preparing the data again")
+        return None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    arrays = {name: _map(folder / _file_name(name), dtype) for name, dtype in ARRAYS.items()}
+    return arrays, _map(folder / CONVERSATIONS, np.uint8), manifest
+
+
+def _damage(folder: Path, manifest_path: Path, key: str, check_contents: bool = True) -> str:
+    """Why the entry cannot be trusted ('' when it can): unreadable manifest, another key or format, a file
+    whose size or SHA-256 differs from what the manifest recorded when it was written."""
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format") != PREPARED_FORMAT or manifest.get("key") != key:
+            return "another format or key"
+        for name in [*(_file_name(n) for n in ARRAYS), CONVERSATIONS]:
+            path, expected = folder / name, files[name]
+            if path.stat().st_size != expected["bytes"]:
+                return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} were written"
+            if check_contents and _sha256(path) != expected["sha256"]:
+                return f"{name}'s SHA-256 differs from the one recorded"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return first_line(err)
+    return ""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _map(path: Path, dtype) -> np.ndarray:
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def remove_entry(folder: Path) -> None:
+    """Delete a cache entry: only a folder in the data cache whose files are all ones this module writes."""
+    known = {MANIFEST, CONVERSATIONS, *(_file_name(name) for name in ARRAYS)}
+    if folder.parent != data_cache_dir() or not {p.name for p in folder.iterdir()} <= known:
+        raise LorafitError(f"{folder}: not a prepared-data cache entry as lorafit writes them; remove it yourself")
+    shutil.rmtree(folder)
+
+
+def clear_data_cache() -> tuple[int, int]:
+    """Remove every prepared-data entry (and leftovers of interrupted preparations); (entries, bytes) freed."""
+    root = data_cache_dir()
+    if not root.is_dir():
+        return 0, 0
+    entries, freed = 0, 0
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir():
+            continue
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        if folder.name.startswith("."):  # an interrupted preparation's temporary folder
+            shutil.rmtree(folder)
+        else:
+            remove_entry(folder)
+        entries, freed = entries + 1, freed + size
+    return entries, freed
+
+
