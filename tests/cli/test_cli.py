@@ -25,7 +25,7 @@ def trained_run(tmp_path_factory, tiny_chat_model, date_data):
     run = tmp_path_factory.mktemp("runs") / "run"
     code = main(["train", "--model", str(tiny_chat_model), "--data", str(date_data), "--steps", "6",
                  "--batch-size", "4", "--lr", "1e-2", "--save-every", "3", "--eval-examples", "4",
-                 "--max-new-tokens", "4", "--eval-every", "3", "--output", str(run)])
+                 "--max-new-tokens", "10", "--eval-every", "3", "--output", str(run)])  # a date is 10 byte tokens
     assert code == 0
     return run
 
@@ -84,7 +84,7 @@ def test_merge_equals_base_plus_adapter(trained_run, tiny_chat_model, tmp_path):
 def test_eval_prints_json_metrics(trained_run, tiny_chat_model, date_data, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(tiny_chat_model), "--adapter", str(trained_run / "adapter"),
-                 "--data", str(date_data), "--json", "--eval-examples", "3", "--max-new-tokens", "4"]) == 0
+                 "--data", str(date_data), "--json", "--eval-examples", "3", "--max-new-tokens", "10"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(metrics) == {"loss", "perplexity", "exact_match", "examples", "left_out"}
     assert metrics["examples"] == 3 and metrics["left_out"] == 0  # --eval-examples caps the loss too

@@ -289,7 +289,7 @@ def test_held_out_examples_longer_than_max_length_are_left_out_of_both_and_count
     run = tmp_path / "run"
     capsys.readouterr()
     assert main(train_args(tiny_chat_model, data, run, "--eval-data", str(held), "--max-length", "200",
-                           "--eval-examples", "10", "--steps", "2")) == 0
+                           "--eval-examples", "10", "--steps", "2", "--max-new-tokens", "10")) == 0
     assert "1 of 5 held-out examples left out of loss and exact match (1 longer than --max-length 200" in \
         capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())

@@ -45,7 +45,7 @@ def run(config: EvalConfig, echo=print, given=None) -> dict:
     from lorafit.data.prepared import prepare_conversations, prepare_source
     from lorafit.data.sources import held_out_split, open_source
     from lorafit.data.tasks import BUILTIN, date_task_splits
-    from lorafit.inference.evaluate import evaluate_loss, exact_match_accuracy, held_out_from
+    from lorafit.inference.evaluate import evaluate_loss, exact_match_accuracy, held_out_from, matchable
     from lorafit.inference.loading import load_model_with_adapter
 
     if config.max_length < 2 or config.eval_examples < 1 or config.max_new_tokens < 0:
@@ -78,10 +78,10 @@ def run(config: EvalConfig, echo=print, given=None) -> dict:
                          config.data or "the built-in task")
     if held.left_out:
         note(f"warning: {held.describe_left_out(config.max_length)}")
-    note(f"scoring: {held.describe_scored(config.max_new_tokens)}")
+    to_match = matchable(tokenizer, held.conversations, config.max_new_tokens)
+    note(f"scoring: {held.describe_scored(len(to_match), config.max_new_tokens)}")
     metrics = {**evaluate_loss(model, held.examples, tokenizer.pad_token_id),
-               **(exact_match_accuracy(model, tokenizer, held.conversations, config.max_new_tokens)
-                  if config.max_new_tokens else {}),
+               **exact_match_accuracy(model, tokenizer, to_match, config.max_new_tokens),
                "examples": len(held.examples), "left_out": held.left_out}
     if config.json:
         echo(json.dumps(metrics))

@@ -1,4 +1,4 @@
-"""The `lorafit` command: `lorafit <train|eval|generate|merge|export|inspect|estimate> [--config FILE] [flags]`.
+"""The `lorafit` command: `lorafit <train|eval|generate|merge|export|inspect|estimate|cache> [--config FILE] [flags]`.
 
 Each command is a dataclass (its fields are both the flags and the YAML keys; field docstrings are
 the --help text) and a `run(config)` function; tyro parses the command line into one of them, as a
@@ -40,6 +40,8 @@ COMMANDS = {
                 "list a model's modules, which ones the targets select, and the parameter counts"),
     "estimate": ("lorafit.cli.estimate", "EstimateConfig",
                  "plan a training run's memory from the model's config: what it needs, what fits, which batch"),
+    "cache": ("lorafit.cli.cache", "CacheConfig",
+              "show lorafit's cache folders (converted models, prepared data) and clear the prepared data"),
 }
 
 ABOUT = ("Parameter-efficient fine-tuning (LoRA and family) in peft's file format. `lorafit <command> --help` lists a "

@@ -41,11 +41,18 @@ class HeldOut:
                 f"({self.stats.skipped_too_long} longer than --max-length {max_length}, "
                 f"{self.stats.dropped_all_masked} with nothing to predict)")
 
-    def describe_scored(self, max_new_tokens: int) -> str:
-        kinds = "loss and exact match" if max_new_tokens else "loss (no exact match: --max-new-tokens 0)"
+    def describe_scored(self, matchable: int, max_new_tokens: int) -> str:
+        """What is scored: the loss on the examples, exact match on those whose reply can be generated whole."""
         capped = f" (the first of {self.stats.kept} that fit; --eval-examples)" if len(self.examples) < self.stats.kept \
             else ""
-        return f"{kinds} on {len(self.examples)} examples{capped}"
+        if not max_new_tokens:
+            match = "no exact match (--max-new-tokens 0)"
+        elif matchable == len(self.examples):
+            match = "exact match on the same"
+        else:
+            match = (f"exact match on {matchable} of them (the other {len(self.examples) - matchable} have no reply, or "
+                     f"one longer than --max-new-tokens {max_new_tokens} tokens, which could never match)")
+        return f"loss on {len(self.examples)} examples{capped}; {match}"
 
 
 def held_out_from(prepared, records, count: int, source: str | None = None) -> HeldOut:
@@ -69,6 +76,8 @@ def evaluate_loss(model, examples: list, pad_id: int, batch_size: int = 8) -> di
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    # batches of similar lengths pad little: the sum over examples is the same in any order
+    examples = sorted(examples, key=lambda example: len(example.input_ids))
     for start in range(0, len(examples), batch_size):
         batch = collate_padded(examples[start : start + batch_size], pad_id).to(device)
         total += summed_token_loss(model, batch).item()
@@ -76,6 +85,18 @@ def evaluate_loss(model, examples: list, pad_id: int, batch_size: int = 8) -> di
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def matchable(tokenizer, conversations: list[list[dict]], max_new_tokens: int) -> list[list[dict]]:
+    """The conversations exact match can score: ending in a reply of at most max_new_tokens tokens. A longer reply
+    is cut by generation and could never match; counting it a miss would measure the length limit, not the model."""
+    if not max_new_tokens:
+        return []
+    replies = [c for c in conversations if c and c[-1]["role"] == "assistant"]
+    if not replies:
+        return []
+    lengths = tokenizer([c[-1]["content"] for c in replies], add_special_tokens=False)["input_ids"]
+    return [c for c, ids in zip(replies, lengths) if len(ids) <= max_new_tokens]
 
 
 def exact_match_accuracy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32) -> dict:

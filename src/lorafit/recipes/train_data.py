@@ -68,7 +68,7 @@ def training_examples(data: TrainingData, tokenizer, config: TrainConfig, given:
     """(training examples, held-out examples to score, their conversations for exact match)."""
     from lorafit.data.prepared import held_out_records, prepare_conversations
     from lorafit.data.tokenizing import held_out_count
-    from lorafit.inference.evaluate import held_out_from
+    from lorafit.inference.evaluate import held_out_from, matchable
 
     if data.builtin is not None:
         name = "the built-in task"
@@ -102,8 +102,9 @@ def training_examples(data: TrainingData, tokenizer, config: TrainConfig, given:
     scored = held_out_from(held, held_records, config.eval_examples, held_name)
     if scored.left_out:
         echo(f"warning: {scored.describe_left_out(config.max_length)}")
-    echo(f"held-out scoring: {scored.describe_scored(config.max_new_tokens)}")
-    return train_set, scored.examples, scored.conversations if config.max_new_tokens else []
+    to_match = matchable(tokenizer, scored.conversations, config.max_new_tokens)
+    echo(f"held-out scoring: {scored.describe_scored(len(to_match), config.max_new_tokens)}")
+    return train_set, scored.examples, to_match
 
 
 def _prepared(data: TrainingData, name: str, tokenizer, config: TrainConfig, echo):
