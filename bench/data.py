@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import numpy as np  # noqa: E402
 from common import machine_line, today  # noqa: E402
 
 SEED = 0
@@ -140,7 +141,30 @@ def side_datasets_map(path: Path) -> dict:
     return {"seconds": seconds, "tokens": tokens}
 
 
-SIDES = {"limit": side_limit, "lorafit": side_lorafit, "datasets.map": side_datasets_map}
+def side_training_data(path: Path) -> dict:
+    """What training holds of the data: the cached arrays mapped, the default split, the loop's batch plan for an
+    epoch, and 500 micro-batches collated as the loop does; the process's own (anonymous) memory at the end."""
+    from lorafit.data.prepared import held_out_records, prepare_source
+    from lorafit.data.sources import open_source
+    from lorafit.train.batching import collate_pieces, plan_batches
+
+    tokenizer = load_tokenizer()
+    source = open_source(str(path))
+    prepared = prepare_source(tokenizer, source, None, source.fingerprint(), 512, False, echo=lambda _line: None)
+    started = time.perf_counter()
+    held = held_out_records(len(prepared), 1000, SEED)
+    train_set, _ = prepared.select(np.setdiff1d(np.arange(len(prepared)), held), "truncate")
+    plan = plan_batches(train_set.lengths.tolist(), 8, SEED, 0)
+    tokens = sum(piece.real_tokens for indices in plan[:500]
+                 for piece in collate_pieces([train_set[i] for i in indices], tokenizer.pad_token_id, 128, True))
+    seconds = time.perf_counter() - started
+    status = Path("/proc/self/status").read_text()
+    anonymous = int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) / 1024
+    return {"seconds": seconds, "tokens": tokens, "batches": len(plan), "anonymous_rss_mib": anonymous}
+
+
+SIDES = {"limit": side_limit, "lorafit": side_lorafit, "datasets.map": side_datasets_map,
+         "training data": side_training_data}
 
 
 def run_side(name: str, path: Path, env: dict) -> dict:
@@ -208,6 +232,8 @@ def main() -> None:
                 log(f"  {name}: {json.dumps(size[name])}")
             size["lorafit again"] = run_side("lorafit", path, env)
             log(f"  lorafit again: {json.dumps(size['lorafit again'])}")
+            size["training data"] = run_side("training data", path, env)
+            log(f"  training data: {json.dumps(size['training data'])}")
             if not args.skip_train and count == args.records[0]:
                 train_env = {**env, "LORAFIT_DATA_CACHE": str(scratch / f"train-cache-{count}")}
                 for run in ("cold", "warm"):
@@ -232,6 +258,12 @@ def write_report(results: dict) -> None:
             rate = f"{side['tokens'] / side['seconds']:,.0f}" if name != "lorafit again" else "(cache)"
             lines.append(f"| {int(count):,} | {size['file_mb']:.0f} | {name} | {side['seconds']:.1f} | "
                          f"{side['tokens']:,} | {rate} | {side['peak_rss_mib']:.0f} |")
+    lines += ["", "What training holds of the data (cached arrays mapped, the split, an epoch's batch plan, 500 micro-batches "
+              "of 8 collated):"]
+    for count, size in results["sizes"].items():
+        side = size["training data"]
+        lines.append(f"- {int(count):,} records: {side['batches']:,} batches planned, peak RSS {side['peak_rss_mib']:.0f} "
+                     f"MiB, anonymous (the process's own, not the mapped files) {side['anonymous_rss_mib']:.0f} MiB")
     lines += ["", "The limit's seconds split as read + render + tokenize:"]
     for count, size in results["sizes"].items():
         limit = size["limit"]

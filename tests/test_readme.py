@@ -37,6 +37,7 @@ BLOCKS = {
     "#!/bin/bash\n#SBATCH": "leave: needs a SLURM cluster",
     "lorafit generate --adapter runs/dates": "run: test_generate_example_answers_with_the_trained_adapter",
     "printf '%s\\n' '{\"instruction\"": "run: test_own_data_example_trains_on_the_embedded_model",
+    "python - <<'PY'\nimport pyarrow": "run: test_parquet_columns_example_trains_on_the_embedded_model",
 }
 
 
@@ -153,6 +154,14 @@ def test_own_data_example_trains_on_the_embedded_model(tmp_path):
     done = _shell(block, tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "tiny-run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_parquet_columns_example_trains_on_the_embedded_model(tmp_path):
+    done = _shell(_block("python - <<'PY'\nimport pyarrow"), tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "data: sums.parquet (parquet, 1 file)" in done.stdout
+    assert (tmp_path / "runs" / "sums" / "adapter" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from lorafit.data.prepared import (
     prepare_conversations,
     prepare_source,
 )
-from lorafit.data.prepared_store import clear_data_cache, data_cache_dir
+from lorafit.data.prepared_store import FileArray, clear_data_cache, data_cache_dir
 from lorafit.data.sources import open_source
 from lorafit.data.tokenizing import build_dataset, held_out_count, split_examples, tokenize_conversation
 from lorafit.errors import LorafitError
@@ -123,7 +123,7 @@ def test_prepared_examples_equal_build_dataset_and_the_second_run_reuses_them(tm
         examples, stats = data.select(np.arange(len(data)), "truncate")
         assert list(examples) == expected and stats.summary() == expected_stats.summary()
         assert stats.kept_indices == expected_stats.kept_indices
-    assert isinstance(np.asarray(again.tokens), np.memmap) or again.tokens.base is not None  # read back mapped
+    assert isinstance(again.tokens, FileArray)  # read from its file as needed, not held in memory
 
 
 def test_a_parquet_twin_prepares_the_same_tokens(tmp_path):
@@ -217,11 +217,11 @@ def test_held_out_records_are_the_split_examples_choice():
     assert held_out_records(57, 9, seed=4).tolist() == held
 
 
-def test_the_default_fraction_is_capped_and_a_given_one_is_not():
-    assert held_out_count(0.05, 100_000, capped=True, cap=1000)[0] == 1000
-    assert "capped at 1000" in held_out_count(0.05, 100_000, capped=True, cap=1000)[1]
-    assert held_out_count(0.05, 100_000, capped=False, cap=1000)[0] == 5000
-    assert held_out_count(0.05, 100, capped=True, cap=1000)[0] == 5
-    assert held_out_count(2000, 100_000, capped=True, cap=1000)[0] == 2000  # a count is the user's
+def test_a_fraction_is_capped_and_a_count_is_not():
+    count, why = held_out_count(0.05, 100_000, cap=1000)
+    assert count == 1000 and "0.05 of them would be 5000; a fraction holds out at most 1000" in why
+    assert held_out_count(0.05, 100_000)[0] == 5000
+    assert held_out_count(0.05, 100, cap=1000) == (5, "5 of 100 examples (0.05)")
+    assert held_out_count(2000, 100_000, cap=1000)[0] == 2000  # a count holds out what it says
     with pytest.raises(LorafitError, match="leaves none to train on"):
         held_out_count(1, 1)

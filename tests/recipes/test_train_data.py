@@ -104,3 +104,19 @@ def test_resume_refuses_a_folder_of_shards_when_one_shard_changed(tmp_path, tiny
         handle.write(json.dumps(rows[0]) + "\n")
     assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "3"]) == 1
     assert "--data" in (line := error_line(capsys)) and "has changed since the run started" in line
+
+
+def test_held_out_given_on_a_dataset_dict_splits_train_and_resume_keeps_that_split(tmp_path, tiny_chat_model,
+                                                                                   capsys):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"messages": chat} for chat in generate_date_task(30, seed=2)]
+    folder = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]),
+                          "validation": datasets.Dataset.from_list(rows[24:])}).save_to_disk(folder)
+    capsys.readouterr()
+    assert main(train(tiny_chat_model, folder, tmp_path / "run", "--held-out", "4", "--save-every", "1")) == 0
+    out = capsys.readouterr().out
+    assert "held-out data:" not in out and "held-out: 4 of 24 examples (--held-out 4)" in out
+    assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out data:" not in out and "held-out: 4 of 24 examples (--held-out 4)" in out

@@ -80,29 +80,20 @@ class ConversationEncoder:
 
     def encode(self, conversations: list[list[dict]], places: list[str]) -> list[EncodedRecord]:
         """Encode every conversation; `places` names each one (file:line) in an error message ("": none)."""
-        texts, spans, add_bos = [], [], []
         for messages, place in zip(conversations, places, strict=True):
             if not messages:
                 raise LorafitError(f"{_at(place)}a conversation has no messages")
-            if messages[0]["role"] == TEXT_ROLE:
-                texts.append(messages[0]["content"])
-                spans.append(None)  # all trained
-                add_bos.append(self.adds_bos)
-        chats = [(i, messages) for i, messages in enumerate(conversations) if messages[0]["role"] != TEXT_ROLE]
-        chat_texts, chat_spans = self._render_chats([m for _, m in chats], [places[i] for i, _ in chats])
-        # put the chat texts back in the batch's order, between the text records
-        ordered_texts, ordered_spans, ordered_bos = [None] * len(conversations), [None] * len(conversations), \
-            [False] * len(conversations)
-        text_rows = iter(zip(texts, spans, add_bos))
-        chat_rows = iter(zip(chat_texts, chat_spans))
-        for i, messages in enumerate(conversations):
-            if messages[0]["role"] == TEXT_ROLE:
-                ordered_texts[i], ordered_spans[i], ordered_bos[i] = next(text_rows)
-            else:
-                ordered_texts[i], ordered_spans[i] = next(chat_rows)
-                ordered_bos[i] = not self.has_template and self.adds_bos  # a real template places BOS itself
-        return [self._finish(ids, trained) for ids, trained in
-                self._tokens_and_masks(ordered_texts, ordered_spans, ordered_bos)]
+        rows = range(len(conversations))
+        chats = [row for row in rows if conversations[row][0]["role"] != TEXT_ROLE]
+        chat_texts, chat_spans = self._render_chats([conversations[row] for row in chats],
+                                                    [places[row] for row in chats])
+        # a text record: its text, all trained (spans None), BOS as plain tokenizer(text) would put it
+        texts = [conversations[row][0]["content"] for row in rows]
+        spans, add_bos = [None] * len(texts), [self.adds_bos] * len(texts)
+        for row, text, text_spans in zip(chats, chat_texts, chat_spans, strict=True):
+            # a chat: the template's rendering; a real template places BOS itself
+            texts[row], spans[row], add_bos[row] = text, text_spans, not self.has_template and self.adds_bos
+        return [self._finish(ids, trained) for ids, trained in self._tokens_and_masks(texts, spans, add_bos)]
 
     # -- rendering ------------------------------------------------------------------------------------------
     def _render_chats(self, chats: list[list[dict]], places: list[str]) -> tuple[list[str], list[list]]:

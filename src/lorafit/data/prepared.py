@@ -4,7 +4,8 @@ The ids of all records sit end to end in one int32 array, with one bool per toke
 trained; per record its start, what happened to it within max_length (data/encoding.py's outcomes), and
 its normalised conversation as one JSON line (what exact match and --show need). Preparing streams the
 source batch by batch, so memory holds one batch, not the dataset; the arrays are written to files in
-lorafit's cache folder and read back memory-mapped, so a run's memory does not grow with its data.
+lorafit's cache folder, and the per-token ones are read back a slice at a time (prepared_store.FileArray), so a
+run's memory does not grow with its data.
 
 The cache entry's name is the SHA-256 of everything the arrays depend on: the data's content, the column
 mapping, the tokenizer (its full definition), the chat template, max_length and train_on_prompt, and this
@@ -61,8 +62,9 @@ class PreparedData:
         return len(self.outcomes)
 
     def example(self, record: int) -> TokenizedExample:
-        ids = self.tokens[self.starts[record]: self.starts[record + 1]]
-        labels = np.where(self.trained[self.starts[record]: self.starts[record + 1]], ids, IGNORE_INDEX)
+        start, end = int(self.starts[record]), int(self.starts[record + 1])
+        ids = self.tokens[start:end]
+        labels = np.where(self.trained[start:end], ids, IGNORE_INDEX)
         return TokenizedExample(ids.tolist(), labels.tolist(), truncated=bool(self.outcomes[record] == CUT))
 
     def length(self, records: np.ndarray) -> np.ndarray:
@@ -70,7 +72,7 @@ class PreparedData:
 
     def conversation(self, record: int) -> list[dict]:
         start, end = self.conversation_starts[record], self.conversation_starts[record + 1]
-        return json.loads(bytes(self._conversations[start:end]))
+        return json.loads(bytes(self._conversations[int(start):int(end)]))
 
     def select(self, records: np.ndarray, overflow: str, purpose: str = "training",
                source: str = "") -> tuple[TokenizedSet, DataStats]:
@@ -175,8 +177,8 @@ def prepare(tokenizer, batches: Iterable[list[tuple[str, list[dict]]]], preparat
             notes: Callable[[], list[str]] = list, cache: bool = True, echo=print) -> PreparedData:
     """Encode every record that `batches` yields ((place, conversation) pairs), or reuse the cached result.
 
-    With `cache`, the arrays go to lorafit's cache folder (data_cache_dir()) and are read back
-    memory-mapped; without, they are kept in memory (the built-in task, tests). `notes` is called once the
+    With `cache`, the arrays go to lorafit's cache folder (data_cache_dir()) and are read back from
+    there as needed; without, they are kept in memory (the built-in task, tests). `notes` is called once the
     batches are exhausted: the reader's notes about fields not used.
     """
     manifest = {"max_length": preparation.max_length, "train_on_prompt": preparation.train_on_prompt,

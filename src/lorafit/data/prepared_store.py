@@ -8,6 +8,7 @@ renamed into place when complete; an entry whose files do not match its manifest
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ MANIFEST = "prepared.json"
 ARRAYS = {"tokens": np.int32, "trained": np.bool_, "starts": np.int64, "outcomes": np.uint8,
           "trained_counts": np.int32, "conversation_starts": np.int64}
 CONVERSATIONS = "conversations.jsonl"
+PER_TOKEN = ("tokens", "trained")  # read a slice at a time; the per-record arrays are read whole
 
 
 class Writer:
@@ -71,13 +73,13 @@ class Writer:
 
     def finish(self, manifest: dict) -> tuple[dict, bytes] | None:
         """Close the files; in memory, return (arrays, conversations); on disk, write the manifest last."""
-        if self.records == 0:
-            raise LorafitError("the data holds no records")
         for handle in self.files.values():
             if self.folder is not None:
                 handle.flush()
                 os.fsync(handle.fileno())
             handle.close()
+        if self.records == 0:
+            raise LorafitError("the data holds no records")
         if self.folder is None:
             arrays = {name: np.frombuffer(self.files[name].getvalue(), dtype) for name, dtype in ARRAYS.items()}
             return arrays, self.files[CONVERSATIONS].getvalue()
@@ -118,8 +120,8 @@ def data_cache_dir() -> Path:
 
 
 def read_entry(folder: Path, key: str, echo, fresh: bool = False) -> tuple[dict, np.ndarray, dict] | None:
-    """(arrays, conversations, manifest) of the entry in `folder`, memory-mapped, if it is complete and every file
-    matches its manifest; None (said with `echo` when an entry is there but damaged) otherwise."""
+    """(arrays, conversations, manifest) of the entry in `folder` (the per-token ones read as needed), if it is
+    complete and every file matches its manifest; None (said with `echo` when an entry is there but damaged)."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         if folder.exists() and not fresh:
@@ -130,8 +132,9 @@ def read_entry(folder: Path, key: str, echo, fresh: bool = False) -> tuple[dict,
         echo(f"warning: the prepared-data cache entry {folder} is damaged ({why}); preparing the data again")
         return None
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    arrays = {name: _map(folder / _file_name(name), dtype) for name, dtype in ARRAYS.items()}
-    return arrays, _map(folder / CONVERSATIONS, np.uint8), manifest
+    arrays = {name: (FileArray if name in PER_TOKEN else _read)(folder / _file_name(name), dtype)
+              for name, dtype in ARRAYS.items()}
+    return arrays, FileArray(folder / CONVERSATIONS, np.uint8), manifest
 
 
 def _damage(folder: Path, manifest_path: Path, key: str, check_contents: bool = True) -> str:
@@ -161,10 +164,41 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _map(path: Path, dtype) -> np.ndarray:
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+class FileArray:
+    """A 1-D array kept in its file and read a slice at a time (os.pread): the ids and masks of a whole dataset
+    never enter the process's memory, mapped or not. Memory-mapping them would let the pages an epoch touches
+    (and the kernel's fault-around beside each example) accumulate in the process's resident set."""
+
+    def __init__(self, path: Path, dtype) -> None:
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._fd = os.open(path, os.O_RDONLY)
+        self._length = path.stat().st_size // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, where: slice) -> np.ndarray:
+        start, stop, step = where.indices(self._length)
+        if step != 1:
+            raise IndexError("FileArray reads contiguous slices only")
+        size = max(stop - start, 0) * self.dtype.itemsize
+        raw = os.pread(self._fd, size, start * self.dtype.itemsize) if size else b""
+        if len(raw) != size:
+            raise LorafitError(f"{self.path}: shorter than its manifest says; run `lorafit cache --clear-data`")
+        return np.frombuffer(raw, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self._fd)
+
+
+def _read(path: Path, dtype) -> np.ndarray:
+    """A per-record array (a few bytes a record), read whole."""
+    return np.fromfile(path, dtype=dtype)
 
 
 def remove_entry(folder: Path) -> None:

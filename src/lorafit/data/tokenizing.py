@@ -75,7 +75,7 @@ def as_example(record: EncodedRecord, overflow: str) -> TokenizedExample:
     labels = np.where(record.trained, record.ids, IGNORE_INDEX).tolist()
     cut = record.outcome in (CUT, CUT_TO_NOTHING)
     if cut and overflow == "skip":
-        return TokenizedExample(ids, labels, truncated=True, dropped=DROPPED_TOO_LONG)
+        return TokenizedExample(ids, labels, dropped=DROPPED_TOO_LONG)  # skipped, so not cut: ids up to max_length
     if record.outcome in (NOTHING_TRAINED, CUT_TO_NOTHING):
         return TokenizedExample(ids, labels, truncated=cut, dropped=DROPPED_ALL_MASKED)
     return TokenizedExample(ids, labels, truncated=cut)
@@ -249,19 +249,19 @@ def split_examples(items: list, held_out: float, seed: int) -> tuple[list, list]
     return train, held
 
 
-def held_out_count(held_out: float, total: int, capped: bool = False, cap: int = 0) -> tuple[int, str]:
-    """How many of `total` records to hold out, and the sentence that says so. With `capped` (the default
-    fraction, not one the user gave) a fraction holds out at most `cap`: 5% of a million records would
-    otherwise keep 50,000 examples from training to score a few hundred."""
-    count = _held_out_count(held_out, total)
-    if capped and count > cap and not isinstance(held_out, int):
-        count = cap
+def held_out_count(held_out: float, total: int, cap: int | None = None) -> tuple[int, str]:
+    """How many of `total` records to hold out, and the sentence that says so. A fraction holds out at most `cap`
+    (a count holds out what it says): 5% of a million records would otherwise keep 50,000 examples from
+    training to score a few hundred."""
+    wanted = _held_out_count(held_out, total)
+    is_count = isinstance(held_out, int) and not isinstance(held_out, bool)
+    count = wanted if is_count or cap is None else min(wanted, cap)
     _check_some_left(count, total)
-    if isinstance(held_out, int) and not isinstance(held_out, bool):
+    if is_count:
         return count, f"{count} of {total} examples (--held-out {held_out})"
-    if capped and count == cap and _held_out_count(held_out, total) > cap:
-        return cap, (f"{cap} of {total} examples ({held_out:g} of them would be {_held_out_count(held_out, total)}, "
-                     f"capped at {cap}; --held-out sets it)")
+    if count < wanted:
+        return count, (f"{count} of {total} examples ({held_out:g} of them would be {wanted}; a fraction holds out "
+                       f"at most {cap}, a count as many as it says)")
     return count, f"{count} of {total} examples ({held_out:g})"
 
 

@@ -109,7 +109,11 @@ class TrainingJob:
         (recipes/train_data.py). On resume the fingerprints must be the run's."""
         from lorafit.recipes.train_data import open_training_data
 
-        self.data = open_training_data(self.config, self.given, self.echo)
+        split_given = "held_out" in self.given
+        if self.resume is not None:  # the held-out set the run started with: a DatasetDict's split, or a split of it
+            split_given = ((self.start_record.record or {}).get("eval_data") is None) if not self.config.eval_data \
+                else split_given
+        self.data = open_training_data(self.config, split_given, self.echo)
         if self.resume is not None:
             check_same_inputs(self.start_record.record, self.data.fingerprints, self.run_dir)
 
@@ -141,9 +145,19 @@ class TrainingJob:
         in batches and cached (data/prepared.py), or the cached arrays reused."""
         from lorafit.data.tokenizing import render_example
         from lorafit.recipes.train_data import training_examples
+        from lorafit.train.distributed import from_main
 
-        self.train_set, self.held_set, self.eval_conversations = training_examples(
-            self.data, self.tokenizer, self.config, self.given, self.echo)
+        made = {}
+
+        def on_rank_zero() -> None:
+            made["examples"] = training_examples(self.data, self.tokenizer, self.config, self.echo)
+
+        # Under torchrun rank 0 prepares (and caches) the data first, and an error there stops every rank; the
+        # others then read its cache instead of encoding the same data at the same time.
+        from_main(on_rank_zero, self.ranks)
+        if "examples" not in made:
+            made["examples"] = training_examples(self.data, self.tokenizer, self.config, self.echo)
+        self.train_set, self.held_set, self.eval_conversations = made["examples"]
         self.echo("one training example as the model sees it:\n" + render_example(self.tokenizer, self.train_set[0]))
 
     def plan_schedule(self) -> None:

@@ -37,7 +37,7 @@ class TrainingData:
                 "split": source.split, "sha256": self.fingerprints[name]}
 
 
-def open_training_data(config: TrainConfig, given: set[str], echo) -> TrainingData:
+def open_training_data(config: TrainConfig, held_out_given: bool, echo) -> TrainingData:
     """The sources --data and --eval-data name (a datasets folder's validation split when neither --eval-data
     nor --held-out is given), checked and fingerprinted; or the built-in task."""
     from lorafit.data.columns import ColumnMap
@@ -52,7 +52,7 @@ def open_training_data(config: TrainConfig, given: set[str], echo) -> TrainingDa
     data.sources["data"] = open_source(config.data, "--data")
     if config.eval_data:
         data.sources["eval_data"] = open_source(config.eval_data, "--eval-data")
-    elif "held_out" not in given and (split := held_out_split(data.sources["data"])) is not None:
+    elif not held_out_given and (split := held_out_split(data.sources["data"])) is not None:
         data.sources["eval_data"] = split
     for name, source in data.sources.items():
         for table, schema in source.schemas():
@@ -64,7 +64,7 @@ def open_training_data(config: TrainConfig, given: set[str], echo) -> TrainingDa
     return data
 
 
-def training_examples(data: TrainingData, tokenizer, config: TrainConfig, given: set[str], echo) -> tuple:
+def training_examples(data: TrainingData, tokenizer, config: TrainConfig, echo) -> tuple:
     """(training examples, held-out examples to score, their conversations for exact match)."""
     from lorafit.data.prepared import held_out_records, prepare_conversations
     from lorafit.data.tokenizing import held_out_count
@@ -84,8 +84,7 @@ def training_examples(data: TrainingData, tokenizer, config: TrainConfig, given:
         else:
             held = prepared
             fraction_or_count = int(config.held_out) if config.held_out >= 1 else config.held_out
-            count, why = held_out_count(fraction_or_count, len(prepared), capped="held_out" not in given,
-                                        cap=DEFAULT_HELD_OUT_CAP)
+            count, why = held_out_count(fraction_or_count, len(prepared), cap=DEFAULT_HELD_OUT_CAP)
             held_records = held_out_records(len(prepared), count, config.seed)
             train_records = np.setdiff1d(np.arange(len(prepared)), held_records, assume_unique=True)
             held_name = f"the held-out part of {config.data}"

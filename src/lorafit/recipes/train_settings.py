@@ -48,8 +48,8 @@ class TrainSettings(ModelLoadOptions):
     """The data's own names for lorafit's record fields, as KEY=COLUMN items: instruction=question output=answer;
     for chat columns also role_tag=from content_tag=value user_tag=human assistant_tag=gpt system_tag=system."""
     held_out: float = 0.05
-    """Part of --data held out for evaluation when --eval-data is not given: a fraction in [0, 1) or a count. The
-    default 5% holds out at most 1000 examples (the built-in task holds out its own 100)."""
+    """Part of --data held out for evaluation when --eval-data is not given: a fraction in [0, 1), which holds out
+    at most 1000 examples, or a count (the built-in task holds out its own 100)."""
     method: MethodName = DEFAULT_METHOD
     """Adapter method (its own flags are refused with another method)."""
     targets: Optional[list[str]] = None
@@ -146,7 +146,7 @@ def _with_method_options(settings: type) -> type:
 TrainConfig = _with_method_options(TrainSettings)
 
 DEFAULT_LR = 2e-4
-DEFAULT_HELD_OUT_CAP = 1000  # the default --held-out fraction holds out at most this many examples
+DEFAULT_HELD_OUT_CAP = 1000  # a --held-out fraction holds out at most this many examples (a count: as many as it says)
 
 
 # What --resume takes from the command line; every other setting comes from the run's config.yaml.
