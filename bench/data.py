@@ -258,12 +258,12 @@ def write_report(results: dict) -> None:
             rate = f"{side['tokens'] / side['seconds']:,.0f}" if name != "lorafit again" else "(cache)"
             lines.append(f"| {int(count):,} | {size['file_mb']:.0f} | {name} | {side['seconds']:.1f} | "
                          f"{side['tokens']:,} | {rate} | {side['peak_rss_mib']:.0f} |")
-    lines += ["", "What training holds of the data (cached arrays mapped, the split, an epoch's batch plan, 500 micro-batches "
-              "of 8 collated):"]
+    lines += ["", "What training holds of the data (the cache entry opened, the split, an epoch's batch plan, 500 "
+              "micro-batches of 8 collated, their ids read from the cache files):"]
     for count, size in results["sizes"].items():
         side = size["training data"]
         lines.append(f"- {int(count):,} records: {side['batches']:,} batches planned, peak RSS {side['peak_rss_mib']:.0f} "
-                     f"MiB, anonymous (the process's own, not the mapped files) {side['anonymous_rss_mib']:.0f} MiB")
+                     f"MiB, of which anonymous (not file-backed) {side['anonymous_rss_mib']:.0f} MiB")
     lines += ["", "The limit's seconds split as read + render + tokenize:"]
     for count, size in results["sizes"].items():
         limit = size["limit"]

@@ -24,6 +24,16 @@ def train(model, data, output, *extra) -> list[str]:
             "--output", str(output), *extra]
 
 
+def dataset_dict(folder):
+    """A datasets DatasetDict saved with save_to_disk: 24 chats in 'train', 6 in 'validation'."""
+    import datasets
+
+    rows = [{"messages": chat} for chat in generate_date_task(30, seed=2)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]),
+                          "validation": datasets.Dataset.from_list(rows[24:])}).save_to_disk(folder)
+    return folder
+
+
 def error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "error:" in line]
@@ -73,11 +83,7 @@ def test_a_mapped_column_that_is_not_there_fails_before_the_model_loads(tmp_path
 
 def test_a_dataset_dict_trains_on_train_and_holds_out_validation_and_eval_scores_it(tmp_path, tiny_chat_model,
                                                                                    capsys):
-    datasets = pytest.importorskip("datasets")
-    rows = [{"messages": chat} for chat in generate_date_task(30, seed=2)]
-    folder = tmp_path / "hf"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]),
-                          "validation": datasets.Dataset.from_list(rows[24:])}).save_to_disk(folder)
+    folder = dataset_dict(tmp_path / "hf")
     capsys.readouterr()
     assert main(train(tiny_chat_model, folder, tmp_path / "run", "--eval-examples", "6")) == 0
     out = capsys.readouterr().out
@@ -108,11 +114,7 @@ def test_resume_refuses_a_folder_of_shards_when_one_shard_changed(tmp_path, tiny
 
 def test_held_out_given_on_a_dataset_dict_splits_train_and_resume_keeps_that_split(tmp_path, tiny_chat_model,
                                                                                    capsys):
-    datasets = pytest.importorskip("datasets")
-    rows = [{"messages": chat} for chat in generate_date_task(30, seed=2)]
-    folder = tmp_path / "hf"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]),
-                          "validation": datasets.Dataset.from_list(rows[24:])}).save_to_disk(folder)
+    folder = dataset_dict(tmp_path / "hf")
     capsys.readouterr()
     assert main(train(tiny_chat_model, folder, tmp_path / "run", "--held-out", "4", "--save-every", "1")) == 0
     out = capsys.readouterr().out
