@@ -272,8 +272,9 @@ class TrainingJob:
                    "skipped_steps": result.skipped_steps, "held_out_examples": len(self.held_set),
                    "exact_match_examples": len(self.eval_conversations), "adapter": str(adapter_dir)}
         write_json(run_dir / run_folder.METRICS, metrics, sort_keys=False)
-        echo("held-out after training:  " + _format(after))
-        if self.before:
+        if after:  # nothing scored (--held-out 0, --eval-examples 0): no empty line
+            echo("held-out after training:  " + _format(after))
+        if self.before and after:
             echo(_comparison(self.before, after))
         if result.skipped_steps:
             echo(f"warning: {result.skipped_steps} steps were skipped (non-finite loss or gradient); see "
