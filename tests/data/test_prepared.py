@@ -4,6 +4,7 @@ to one-at-a-time tokenising, both offset paths, the cache's reuse, damage, keys 
 import importlib.util
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -180,15 +181,19 @@ def test_a_damaged_entry_is_said_and_prepared_again_never_used(tmp_path, damage)
 
 def test_clearing_removes_entries_and_leftovers_but_refuses_a_folder_lorafit_did_not_write(tmp_path):
     tokenizer = byte_tokenizer(chat_template=CHATML_TEMPLATE)
-    prepared(tokenizer, alpaca_file(tmp_path))
-    (data_cache_dir() / ".abc-leftover").mkdir()
+    path = alpaca_file(tmp_path)
+    prepared(tokenizer, path)
+    (data_cache_dir() / ".0123456789abcdef-x1y2z3").mkdir()  # an interrupted preparation's temporary folder
     assert clear_data_cache()[0] == 2 and list(data_cache_dir().iterdir()) == []
-    foreign = data_cache_dir() / "mine"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(LorafitError, match="not a prepared-data cache entry"):
-        clear_data_cache()
-    assert (foreign / "notes.txt").read_text() == "keep me"
+    entry = prepared(tokenizer, path).folder
+    for name, content in (("mine", "notes.txt"), (".git", "config")):
+        foreign = data_cache_dir() / name
+        foreign.mkdir()
+        (foreign / content).write_text("keep me")
+        with pytest.raises(LorafitError, match="not a prepared-data cache entry as lorafit writes them, so nothing"):
+            clear_data_cache()
+        assert (foreign / content).read_text() == "keep me" and (entry / "prepared.json").is_file()  # nothing removed
+        shutil.rmtree(foreign)
 
 
 def test_the_reader_notes_come_back_with_a_cached_entry(tmp_path):

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -201,29 +202,38 @@ def _read(path: Path, dtype) -> np.ndarray:
     return np.fromfile(path, dtype=dtype)
 
 
-def remove_entry(folder: Path) -> None:
-    """Delete a cache entry: only a folder in the data cache whose files are all ones this module writes."""
+# an entry's folder is named by its key; an interrupted preparation leaves tempfile.mkdtemp's ".<key[:16]>-XXXXXXXX"
+ENTRY_NAME = re.compile(r"[0-9a-f]{64}|\.[0-9a-f]{16}-\w+")
+
+
+def _is_entry(folder: Path) -> bool:
+    """A folder this module wrote: an entry's (or a temporary folder's) name, holding only the files it writes."""
     known = {MANIFEST, CONVERSATIONS, *(_file_name(name) for name in ARRAYS)}
-    if folder.parent != data_cache_dir() or not {p.name for p in folder.iterdir()} <= known:
+    return (folder.is_dir() and folder.parent == data_cache_dir() and ENTRY_NAME.fullmatch(folder.name) is not None
+            and {path.name for path in folder.iterdir()} <= known)
+
+
+def remove_entry(folder: Path) -> None:
+    """Delete a cache entry: only a folder in the data cache whose name and files are ones this module writes."""
+    if not _is_entry(folder):
         raise LorafitError(f"{folder}: not a prepared-data cache entry as lorafit writes them; remove it yourself")
     shutil.rmtree(folder)
 
 
 def clear_data_cache() -> tuple[int, int]:
-    """Remove every prepared-data entry (and leftovers of interrupted preparations); (entries, bytes) freed."""
+    """Remove every prepared-data entry (and leftovers of interrupted preparations); (entries, bytes) freed.
+
+    Checked first, removed after: a folder lorafit did not write stops it before anything is removed.
+    """
     root = data_cache_dir()
     if not root.is_dir():
         return 0, 0
-    entries, freed = 0, 0
-    for folder in sorted(root.iterdir()):
-        if not folder.is_dir():
-            continue
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        if folder.name.startswith("."):  # an interrupted preparation's temporary folder
-            shutil.rmtree(folder)
-        else:
-            remove_entry(folder)
-        entries, freed = entries + 1, freed + size
-    return entries, freed
-
-
+    folders = [folder for folder in sorted(root.iterdir()) if folder.is_dir()]
+    foreign = [folder for folder in folders if not _is_entry(folder)]
+    if foreign:
+        raise LorafitError(f"{foreign[0]}: not a prepared-data cache entry as lorafit writes them, so nothing was "
+                           "removed; move it out of the cache folder (or point LORAFIT_DATA_CACHE elsewhere)")
+    freed = sum(path.stat().st_size for folder in folders for path in folder.iterdir())
+    for folder in folders:
+        shutil.rmtree(folder)
+    return len(folders), freed
