@@ -230,3 +230,12 @@ def test_a_fraction_is_capped_and_a_count_is_not():
     assert held_out_count(2000, 100_000, cap=1000)[0] == 2000  # a count holds out what it says
     with pytest.raises(LorafitError, match="leaves none to train on"):
         held_out_count(1, 1)
+
+
+def test_a_bad_record_midway_leaves_no_entry_and_no_temporary_folder(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = {"instruction": "q", "output": "a"}
+    path.write_text("".join(json.dumps(good) + "\n" for _ in range(3000)) + json.dumps({"output": "a"}) + "\n")
+    with pytest.raises(LorafitError, match=r"data.jsonl:3001: record with keys \['output'\]"):
+        prepared(byte_tokenizer(chat_template=CHATML_TEMPLATE), path)
+    assert not data_cache_dir().exists() or list(data_cache_dir().iterdir()) == []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -31,15 +30,15 @@ import numpy as np
 from lorafit.data.encoding import CUT, CUT_TO_NOTHING, FITS, NOTHING_TRAINED, PLAIN_TEMPLATE, ConversationEncoder
 from lorafit.data.prepared_store import PREPARED_FORMAT, Writer, data_cache_dir, read_entry, remove_entry
 from lorafit.data.tokenizing import (
+    ENCODE_BATCH,
     IGNORE_INDEX,
     OVERFLOW_CHOICES,
     DataStats,
     TokenizedExample,
     _why_none_left,
+    held_out_indices,
 )
 from lorafit.errors import LorafitError
-
-ENCODE_BATCH = 2048  # conversations per tokenizer call
 
 
 # -- the prepared data -----------------------------------------------------------------------------------
@@ -205,6 +204,7 @@ def _write_entry(tokenizer, batches, preparation: Preparation, folder: Path, man
     """Encode into a temporary folder beside the entry, then rename it into place: never a half entry."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}-", dir=folder.parent))
+    writer = None
     try:
         writer = Writer(temporary)
         _encode_all(tokenizer, batches, preparation, writer)
@@ -215,6 +215,8 @@ def _write_entry(tokenizer, batches, preparation: Preparation, folder: Path, man
         if not folder.exists():
             os.replace(temporary, folder)
     finally:
+        if writer is not None:
+            writer.close()  # already closed when finished; after a bad record, before its folder goes
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
 
@@ -262,10 +264,5 @@ def _encode_batch(encoder: ConversationEncoder, located: list[tuple[str, list[di
 
 # -- splitting -------------------------------------------------------------------------------------------
 def held_out_records(records: int, count: int, seed: int) -> np.ndarray:
-    """Which of `records` records are held out: `count` of them by a seeded shuffle, in record order.
-
-    The same choice as split_examples (data/tokenizing.py) makes for the same count and seed.
-    """
-    order = list(range(records))
-    random.Random(seed).shuffle(order)
-    return np.sort(np.asarray(order[:count], dtype=np.int64))
+    """Which of `records` records are held out (tokenizing.held_out_indices, as split_examples), in record order."""
+    return np.sort(np.asarray(held_out_indices(records, count, seed), dtype=np.int64))

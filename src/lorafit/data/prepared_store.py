@@ -72,6 +72,10 @@ class Writer:
         self.files[name].write(raw)
         self.hashes[name].update(raw)
 
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
     def finish(self, manifest: dict) -> tuple[dict, bytes] | None:
         """Close the files; in memory, return (arrays, conversations); on disk, write the manifest last."""
         for handle in self.files.values():

@@ -29,7 +29,7 @@ OVERFLOW_CHOICES = ("truncate", "skip")
 DROPPED_TOO_LONG = "longer than max_length"
 DROPPED_ALL_MASKED = "no trained tokens"
 MOSTLY_MASKED_FRACTION = 0.9
-ENCODE_BATCH = 1024  # conversations per tokenizer call: large enough to spread over the cores, small in memory
+ENCODE_BATCH = 2048  # conversations per tokenizer call: large enough to spread over the cores, small in memory
 
 # --- tokenising -----------------------------------------------------------------------------------
 
@@ -241,12 +241,17 @@ def split_examples(items: list, held_out: float, seed: int) -> tuple[list, list]
     """
     count = _held_out_count(held_out, len(items))
     _check_some_left(count, len(items))
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    held_indices = set(order[:count])
+    held_indices = set(held_out_indices(len(items), count, seed))
     train = [item for index, item in enumerate(items) if index not in held_indices]
     held = [item for index, item in enumerate(items) if index in held_indices]
     return train, held
+
+
+def held_out_indices(total: int, count: int, seed: int) -> list[int]:
+    """Which `count` of `total` items are held out: the first of a seeded shuffle (unordered)."""
+    order = list(range(total))
+    random.Random(seed).shuffle(order)
+    return order[:count]
 
 
 def held_out_count(held_out: float, total: int, cap: int | None = None) -> tuple[int, str]:

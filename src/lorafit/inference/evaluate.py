@@ -9,10 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from lorafit.data.prepared import prepare_conversations
 from lorafit.data.tasks import evaluation_pairs, exact_match
 from lorafit.data.tokenizing import DataStats
 from lorafit.inference.generation import generate_replies
@@ -60,13 +58,6 @@ def held_out_from(prepared, records, count: int, source: str | None = None) -> H
     examples, stats = prepared.select(records, "skip", purpose="held-out", source=source or "")
     scored = examples.first(count)
     return HeldOut(scored, scored.conversations(), stats)
-
-
-def held_out_set(tokenizer, conversations: list, max_length: int, train_on_prompt: bool = False,
-                 source: str | None = None, count: int | None = None) -> HeldOut:
-    """The conversations (in memory) that fit max_length whole, at most `count` of them, for loss and exact match."""
-    prepared = prepare_conversations(tokenizer, conversations, max_length, train_on_prompt, source or "held-out data")
-    return held_out_from(prepared, np.arange(len(prepared)), len(conversations) if count is None else count, source)
 
 
 @torch.no_grad()
