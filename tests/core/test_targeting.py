@@ -4,7 +4,7 @@ from torch import nn
 
 import lorafit
 from lorafit import LoraConfig, LorafitError
-from lorafit.core.targeting import block_index, select_modules
+from lorafit.core.targeting import block_index, select_modules, short_names
 from tests.conftest import tiny_gpt2, tiny_llama
 
 
@@ -71,8 +71,53 @@ def test_a_container_module_is_refused_with_its_inner_layers_named():
 
 
 def test_unknown_architecture_without_targets_asks_for_them():
-    with pytest.raises(LorafitError, match="no default targets for model type None; set target_modules"):
+    with pytest.raises(LorafitError) as err:
         select_modules(nn.Sequential(nn.Linear(4, 4)), LoraConfig())
+    assert str(err.value).startswith("no default targets for model type None: no linear layers named like "
+                                     "attention's query and value projections (q_proj/v_proj, query/value")
+    assert str(err.value).endswith("--targets (target_modules; linear layers here: 0) or use --targets all-linear")
+
+
+class _Attention(nn.Module):
+    def __init__(self, names):
+        super().__init__()
+        for name in names:
+            setattr(self, name, nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize(("names", "chosen"), [(("q_proj", "k_proj", "v_proj"), ["q_proj", "v_proj"]),
+                                               (("query", "key", "value"), ["query", "value"]),
+                                               (("Wqkv", "out_proj"), ["Wqkv"]), (("W_pack", "o_proj"), ["W_pack"])])
+def test_default_targets_come_from_module_names_not_a_table_of_model_types(names, chosen):
+    model = nn.Module()
+    model.config = type("Config", (), {"model_type": "a-family-lorafit-never-heard-of"})()
+    model.layers = nn.ModuleList([_Attention(names) for _ in range(2)])
+    assert short_names(select_modules(model, LoraConfig())) == sorted(chosen)
+
+
+class _Router(nn.Linear):
+    """A Linear subclass whose forward returns two tensors, as Llama 4's MoE router does."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits.softmax(-1), logits
+
+
+class _WrittenOutLinear(nn.Linear):
+    """A Linear subclass that computes the same product in a forward of its own (Falcon's FalconLinear)."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_a_linear_subclass_is_adapted_when_it_computes_a_product_and_refused_when_not():
+    model = nn.Module()
+    model.block = nn.ModuleDict({"router": _Router(8, 4), "fused": _WrittenOutLinear(8, 8), "up": nn.Linear(8, 8)})
+    assert select_modules(model, LoraConfig(target_modules="all-linear")) == ["block.fused", "block.up"]
+    with pytest.raises(LorafitError) as err:
+        select_modules(model, LoraConfig(target_modules=["router"]))
+    assert str(err.value) == ("target module 'block.router' is a _Router, a Linear subclass with a forward of its own "
+                              "(a router?), which adapters cannot add to")
 
 
 def test_second_adapter_sees_wrapped_modules_as_their_base_layer():

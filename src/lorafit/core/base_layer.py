@@ -31,8 +31,13 @@ class LinearBase:
 
     @classmethod
     def accepts(cls, layer: nn.Module) -> bool:
+        """An instance of the class that computes what the class computes. A subclass with a forward of its own
+        is probed once per class (`_behaves_linear`): Falcon's FalconLinear is the same product written out,
+        Llama 4's MoE router returns (scores, logits), which an adapter cannot add to."""
         kind = cls.layer_type()
-        return kind is not None and isinstance(layer, kind)
+        if kind is None or not isinstance(layer, kind):
+            return False
+        return type(layer).forward is kind.forward or _behaves_linear(layer, cls)
 
     @property
     def quantized(self) -> bool:
@@ -221,6 +226,29 @@ def quantized_layer_types() -> tuple[type, ...]:
 def linear_types() -> tuple[type, ...]:
     """The module classes adapters treat as linear layers ("all-linear" selects these)."""
     return tuple(kind for kind in (view.layer_type() for view in LINEAR_BASES) if kind is not None)
+
+
+_SUBCLASS_IS_LINEAR: dict[type, bool] = {}
+
+
+def _behaves_linear(layer: nn.Module, view: type[LinearBase]) -> bool:
+    """Does this subclass's own forward return one tensor of the layer's output size? (one row of zeros in)"""
+    kind = type(layer)
+    if kind not in _SUBCLASS_IS_LINEAR:
+        base = view(layer)
+        weight = base.dense_weight()
+        try:
+            with torch.no_grad():
+                out = layer(torch.zeros(1, base.in_features, dtype=weight.dtype, device=weight.device))
+            _SUBCLASS_IS_LINEAR[kind] = isinstance(out, torch.Tensor) and tuple(out.shape) == (1, base.out_features)
+        except (TypeError, ValueError, RuntimeError):
+            _SUBCLASS_IS_LINEAR[kind] = False
+    return _SUBCLASS_IS_LINEAR[kind]
+
+
+def is_linear(layer: nn.Module) -> bool:
+    """Can adapters treat `layer` as a linear layer (one of linear_types(), with its class's own forward)?"""
+    return any(kind.accepts(layer) for kind in LINEAR_BASES)
 
 
 def linear_base(layer: nn.Module) -> LinearBase:

@@ -18,35 +18,33 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from lorafit.core.base_layer import linear_types
+from lorafit.core.base_layer import is_linear, linear_types
 from lorafit.core.selection import ALL_LINEAR, Selection
 from lorafit.core.wrapper import AdapterWrapper
 from lorafit.errors import LorafitError
 
-# The usual LoRA targets per architecture (config.model_type) when the user names none: q and v of
-# attention, or the fused qkv projection where the model has one (the seed's LLaMA and ChatGLM choices).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "phi": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "chatglm": ["query_key_value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "t5": ["q", "v"],
-}
+# Default targets are found by the names families give their attention projections, not by a table of model
+# types, so a new family with Llama-style names needs no entry. Most common names first; a family with one fused
+# projection (query_key_value: GPT-NeoX, Falcon, BLOOM, ChatGLM; qkv_proj: Phi-3; c_attn: GPT-2; Wqkv: MPT;
+# W_pack: Baichuan) has it adapted whole, as the seed does with ChatGLM.
+QUERY_VALUE_NAMES = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv"))
+KEY_VALUE_NAMES = (("k_proj", "v_proj"), ("key", "value"), ("k", "v"), ("wk", "wv"))
+FUSED_ATTENTION_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "qkv")
+DOWN_PROJECTION_NAMES = ("down_proj", "dense_4h_to_h", "fc2", "mlp.c_proj", "w2")
+
+
+def linear_paths(model: nn.Module) -> list[str]:
+    """Paths of the layers adapters can treat as linear, outside lorafit's own wrappers, in model order."""
+    return [p for p, m in _candidate_modules(model).items() if is_linear(_unwrapped(m))]
+
+
+def attention_targets(model: nn.Module, pairs=QUERY_VALUE_NAMES) -> list[str] | None:
+    """The first of `pairs` whose both names are linear layers of `model`, else its fused projection's name."""
+    paths = linear_paths(model)
+    for pair in pairs:
+        if all(any(name_matches(name, path) for path in paths) for name in pair):
+            return list(pair)
+    return next(([name] for name in FUSED_ATTENTION_NAMES if any(name_matches(name, p) for p in paths)), None)
 
 
 def adaptable_types() -> tuple[type, ...]:
@@ -108,13 +106,17 @@ def closest_names(wanted: str, candidates: Iterable[str], n: int = 5) -> list[st
 
 
 def default_targets(model: nn.Module) -> list[str]:
+    """Attention's query and value projections (the seed's choice), or the fused projection that holds them."""
+    targets = attention_targets(model)
+    if targets is not None:
+        return targets
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
-    names = sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, linear_types())})
+    names = short_names(linear_paths(model))
     raise LorafitError(
-        f"no default targets for model type {model_type!r}; set target_modules "
-        f"(linear layers here: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}) or use 'all-linear'"
+        f"no default targets for model type {model_type!r}: no linear layers named like attention's query and "
+        f"value projections ({', '.join('/'.join(pair) for pair in QUERY_VALUE_NAMES)}) or a fused one "
+        f"({', '.join(FUSED_ATTENTION_NAMES)}); name them with --targets (target_modules; linear layers here: "
+        f"{', '.join(names[:12])}{', ...' if len(names) > 12 else ''}) or use --targets all-linear"
     )
 
 
@@ -131,7 +133,7 @@ def select_modules(model: nn.Module, config, allowed_types: tuple[type, ...] | N
 
     if targets == ALL_LINEAR:
         heads = output_head_names(model)
-        chosen = [p for p, m in modules.items() if isinstance(_unwrapped(m), linear_types()) and p not in heads]
+        chosen = [p for p, m in modules.items() if is_linear(_unwrapped(m)) and p not in heads]
         if not chosen:
             raise LorafitError(f"'all-linear' found no Linear or Conv1D layer in {model_name}")
     elif isinstance(targets, str):
@@ -157,6 +159,9 @@ def select_modules(model: nn.Module, config, allowed_types: tuple[type, ...] | N
 
     for path in chosen:
         module = _unwrapped(modules[path])
+        if isinstance(module, linear_types()) and not is_linear(module):
+            raise LorafitError(f"target module {path!r} is a {type(module).__name__}, a {_linear_parent(module)} "
+                               "subclass with a forward of its own (a router?), which adapters cannot add to")
         if not isinstance(module, allowed_types):
             inner = sorted({p.rsplit(".", 1)[-1] for p, m in module.named_modules() if p and isinstance(m, allowed_types)})
             hint = f"; inside it: {', '.join(inner[:8])}" if inner else ""
@@ -178,6 +183,10 @@ def select_modules(model: nn.Module, config, allowed_types: tuple[type, ...] | N
         if not chosen:
             raise LorafitError("exclude_modules removes every target module; nothing would be adapted")
     return chosen
+
+
+def _linear_parent(module: nn.Module) -> str:
+    return next(kind.__name__ for kind in linear_types() if isinstance(module, kind))
 
 
 def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -16,6 +16,7 @@ from lorafit.data.tokenizing import DataStats
 from lorafit.inference.generation import generate_replies
 from lorafit.train.batching import collate_padded
 from lorafit.train.loss import summed_token_loss
+from lorafit.train.output_head import check_output_head
 
 
 @dataclass
@@ -64,6 +65,7 @@ def held_out_from(prepared, records, count: int, source: str | None = None) -> H
 def evaluate_loss(model, examples: list, pad_id: int, batch_size: int = 8) -> dict:
     """Mean cross-entropy over the label tokens of `examples`, and its perplexity."""
     device = next(model.parameters()).device
+    check_output_head(model)  # a family whose logits lorafit cannot reproduce is scored by its own forward
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

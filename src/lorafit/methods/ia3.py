@@ -18,7 +18,12 @@ from lorafit.core.base_layer import linear_types
 from lorafit.core.registry import Method
 from lorafit.core.selection import Targets, check_module_list, check_selection, parse_targets
 from lorafit.core.targeting import (
+    DOWN_PROJECTION_NAMES,
+    KEY_VALUE_NAMES,
+    attention_targets,
+    linear_paths,
     matches_selection,
+    name_matches,
     portable_targets,
     select_modules,
     short_names,
@@ -54,31 +59,22 @@ class IA3Config:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# The paper's choice per architecture (config.model_type): targets, and which of them are feed-forward.
-DEFAULT_TARGETS = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
-    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-}
-
-
 def resolve(model: nn.Module, config: IA3Config) -> IA3Config:
-    """The config with the architecture's default targets filled in where the user gave none."""
+    """The config with the paper's default targets filled in where the user gave none: attention's key and value
+    projections (or the fused projection holding them) and the feed-forward block's down projection, found by the
+    names families give them (lorafit.core.targeting)."""
     if config.target_modules is not None:
         return config
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise LorafitError(f"no default IA3 targets for model type {model_type!r}; set target_modules "
-                           "and feedforward_modules")
-    targets, feedforward = DEFAULT_TARGETS[model_type]
-    return IA3Config(**{**config.to_dict(), "target_modules": targets,
-                        "feedforward_modules": config.feedforward_modules or feedforward})
+    attention = attention_targets(model, KEY_VALUE_NAMES)
+    paths = linear_paths(model)
+    down = next((name for name in DOWN_PROJECTION_NAMES if any(name_matches(name, p) for p in paths)), None)
+    if attention is None or down is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise LorafitError(f"no default IA3 targets for model type {model_type!r}: no linear layers named like "
+                           f"{'key/value projections' if attention is None else 'a feed-forward down projection'}; "
+                           "set target_modules and feedforward_modules")
+    return IA3Config(**{**config.to_dict(), "target_modules": attention + [down],
+                        "feedforward_modules": config.feedforward_modules or [down]})
 
 
 def select(model: nn.Module, config: IA3Config) -> list[str]:

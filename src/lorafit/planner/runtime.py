@@ -145,6 +145,7 @@ def layout_of(config, trust_remote_code: bool = False) -> tuple[bool, bool]:
     from transformers import AutoModelForCausalLM
 
     from lorafit.train.forward import packing_is_exact, prefix_sharing_is_exact
+    from lorafit.train.output_head import check_output_head
 
     try:
         torch.manual_seed(0)
@@ -152,4 +153,5 @@ def layout_of(config, trust_remote_code: bool = False) -> tuple[bool, bool]:
     except (TypeError, ValueError, RuntimeError, AttributeError, AssertionError):
         return False, False
     vocab = model.config.get_text_config().vocab_size
+    check_output_head(model)  # as the loop does first: a model run whole shares no prefix
     return packing_is_exact(model, vocab), prefix_sharing_is_exact(model, vocab)

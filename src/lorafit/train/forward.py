@@ -18,6 +18,7 @@ import torch
 
 from lorafit.data.tokenizing import IGNORE_INDEX
 from lorafit.train.batching import collate_shared_prefix
+from lorafit.train.output_head import output_head
 
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
@@ -76,10 +77,15 @@ def _forward_hidden(body, inputs: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def prefix_sharing_is_exact(model, vocab_size: int, tolerance: float = 1e-4) -> bool:
-    """Does running a shared prefix once through the cache give the rows' own hidden states?"""
-    body = getattr(model, "base_model", None)
-    if body is None or body is model:
+    """Does running a shared prefix once through the cache give the rows' own hidden states?
+
+    Only for a model the loss can split into body and head (`output_head`): a model run whole has no hidden
+    states to share.
+    """
+    split = output_head(model)
+    if split is None:
         return False
+    body = split.body
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(1)
     prefix = torch.randint(0, vocab_size, (1, 4), generator=generator).tolist()[0]

@@ -12,6 +12,9 @@ pass: d(CE)/d(logits) = softmax − one-hot, so d(CE)/dh = (softmax − one-hot)
 gradient (tokens × hidden) and nothing else, so backward costs a multiplication by a scalar instead
 of a second and third head matmul (a recomputed forward and the product with W), and no chunk of
 logits outlives its loop iteration.
+
+Families that transform their logits after the head (Gemma 2's soft-capping, Granite's and Cohere's
+scaling) keep this path: the transform is applied here too (lorafit.train.output_head).
 """
 
 from __future__ import annotations
@@ -23,26 +26,11 @@ from torch.utils.checkpoint import checkpoint
 from lorafit.data.tokenizing import IGNORE_INDEX
 from lorafit.train.batching import Batch
 from lorafit.train.forward import forward_hidden
-
-# Config attributes of models whose logits are transformed after the head (soft-capping, scaling):
-# for those the loss goes through the model's own forward, which knows how.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+from lorafit.train.output_head import LogitTransform, output_head
 
 
-def head_and_body(model):
-    """(output head, body) when the loss can run them apart; (None, None) when it must call the model."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "base_model", None)
-    config = getattr(model, "config", None)
-    if head is None or body is None or body is model:
-        return None, None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None, None
-    return head, body
-
-
-def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _chunk_loss(head, transform: LogitTransform, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(transform(head(hidden)).float(), targets, reduction="sum")
 
 
 def _softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,15 +51,16 @@ def _softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor) -> torc
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T (+ bias)` whose gradient reaches `hidden` only.
+    """Summed cross-entropy of `transform(hidden @ weight.T (+ bias))` whose gradient reaches `hidden` only.
 
     Forward runs the head chunk by chunk and stores d(loss)/d(hidden); backward scales it by the
     incoming gradient. Exact (the same formula autograd would apply), for a head with no trainable
-    parameters.
+    parameters. A family's logit transform (soft-capping, scaling) enters by the chain rule: the
+    gradient at the head's output is (softmax − one-hot) times the transform's derivative there.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, transform: LogitTransform = LogitTransform()):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         # One vocabulary-sized fp32 buffer for every chunk: a fresh one per chunk costs its page faults
@@ -88,8 +77,11 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
                     torch.addmm(bias, hidden[chunk], weight.t(), out=logits)
             else:
                 logits = F.linear(hidden[chunk], weight, bias).float()
+            derivative = None if transform.identity else transform.apply_(logits)
             total += _softmax_cross_entropy_(logits, targets[chunk])
-            # logits now hold softmax − one-hot = d(loss)/d(logits)
+            # logits now hold softmax − one-hot = d(loss)/d(transformed logits)
+            if derivative is not None:
+                logits.mul_(derivative)
             grad_hidden[chunk] = (logits.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
@@ -97,7 +89,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def _head_is_frozen(head) -> bool:
@@ -109,15 +101,15 @@ def summed_token_loss(model, batch: Batch, chunk_tokens: int = 512, body=None) -
 
     body: what runs the model body in place of the model's own (the loop passes a torch.compile'd one).
     """
-    head, own_body = head_and_body(model)
-    body = own_body if body is None else body
+    split = output_head(model)
     targets = batch.targets
-    if head is None:
-        if "prefix_ids" in batch.inputs:
+    if split is None:
+        if "prefix_ids" in batch.inputs:  # the layout chooser never makes one for such a model
             raise ValueError("shared-prefix batches need a model with a separate body and output head")
         logits = model(**batch.inputs, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    hidden = forward_hidden(body, batch.inputs)
+    head, transform = split.head, split.transform
+    hidden = forward_hidden(split.body if body is None else body, batch.inputs)
     # Positions by index, not a boolean mask: the same gather, and its size is known before it runs
     # (which the memory planner, running this on tensors without data, needs).
     positions = batch.label_positions
@@ -126,11 +118,11 @@ def summed_token_loss(model, batch: Batch, chunk_tokens: int = 512, body=None) -
     if positions.numel() == 0:  # a piece without labels (FSDP's padding calls): zero, still through every layer
         return hidden.sum().float()
     if torch.is_grad_enabled() and hidden.requires_grad and _head_is_frozen(head):
-        return FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
+        return FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens, transform)
     total = hidden.new_zeros((), dtype=torch.float32)
     for hidden_chunk, target_chunk in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, head, hidden_chunk, target_chunk, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, head, transform, hidden_chunk, target_chunk, use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, hidden_chunk, target_chunk)
+            total = total + _chunk_loss(head, transform, hidden_chunk, target_chunk)
     return total

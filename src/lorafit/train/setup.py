@@ -24,7 +24,7 @@ from lorafit.heap import release_freed_memory
 from lorafit.train.batching import Batch
 from lorafit.train.checkpoint import Position, read_checkpoint, restore_checkpoint
 from lorafit.train.gradients import StepGradients
-from lorafit.train.loss import head_and_body
+from lorafit.train.output_head import output_head
 from lorafit.train.step import choose_collate
 
 
@@ -139,9 +139,9 @@ COMPILE_BACKEND = "inductor"
 
 def check_compile(model, backend: str | Callable, device: torch.device) -> None:
     """Refuse in one line what would otherwise fail deep inside the first compiled step."""
-    if head_and_body(model)[1] is None:
-        raise LorafitError("--compile: this model's logits are transformed after its output head, so the loss "
-                           "runs the whole model; train it without --compile")
+    if output_head(model) is None:
+        raise LorafitError(f"--compile: {type(model).__name__} has no separate body and output head that lorafit "
+                           "can run apart (the loss runs the whole model); train it without --compile")
     if backend == "inductor" and device.type == "cpu" and not any(
             shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
         raise LorafitError("--compile on CPU needs a C++ compiler (g++ or clang++; or set CXX) for torch's "
@@ -158,7 +158,7 @@ def compiled_body(model, backend: str | Callable, device: torch.device, echo) ->
     """
     check_compile(model, backend, device)
     echo(f"torch.compile ({backend}): the first step and each new batch shape wait for the compiler")
-    return torch.compile(head_and_body(model)[1], backend=backend)
+    return torch.compile(output_head(model).body, backend=backend)
 
 
 def truncate_log(log_path: Path, step: int, echo=print) -> None:

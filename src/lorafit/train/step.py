@@ -33,6 +33,7 @@ from lorafit.train.forward import packing_is_exact, prefix_sharing_is_exact
 from lorafit.train.fsdp import equal_calls
 from lorafit.train.gradients import StepGradients
 from lorafit.train.loss import summed_token_loss
+from lorafit.train.output_head import check_output_head
 
 
 def choose_collate(model, vocab_size: int, pad_id: int, row_tokens: int, gradient_checkpointing: bool,
@@ -41,15 +42,19 @@ def choose_collate(model, vocab_size: int, pad_id: int, row_tokens: int, gradien
 
     A prompt prefix shared by all rows computed once; else examples of at least `row_tokens` tokens
     alone and the shorter ones packed (padded when this model cannot keep packed examples apart).
-    Probes the model (`packing_is_exact`, `prefix_sharing_is_exact`) once, here, and says what it chose.
+    Probes the model (`check_output_head`, `packing_is_exact`, `prefix_sharing_is_exact`) once, here, and says
+    what it chose.
     `shared_prefix=False`: never share a prefix (FSDP2, where it would make the ranks' forward calls differ).
     """
+    label_only = check_output_head(model)
     packed = packing_is_exact(model, vocab_size)
     # Gradient checkpointing in transformers turns the key/value cache off, which the prefix path needs.
     shared = shared_prefix and not gradient_checkpointing and prefix_sharing_is_exact(model, vocab_size)
     echo(f"batches: examples of ≥ {row_tokens} tokens run alone, shorter ones "
          + ("packed (no padding, examples kept apart)" if packed else "padded to the longest")
-         + (", a prompt prefix shared by all rows computed once" if shared else ""))
+         + (", a prompt prefix shared by all rows computed once" if shared else "")
+         + ("" if label_only else f"; the loss runs {type(model).__name__} whole (logits at every position): lorafit "
+            "cannot reproduce its logits from its body and output head"))
     return layout_collate(pad_id, row_tokens, packed=packed, shared_prefix=shared)
 
 
