@@ -9,7 +9,6 @@ import lorafit
 from lorafit.cli.main import main
 from lorafit.models.gguf_cache import default_model_path
 from tests.cli.test_train_trust import error_line
-from tests.conftest import tiny_gpt2
 from tests.formats.conftest import make_adapter
 
 
@@ -43,16 +42,17 @@ def test_methods_without_a_llama_cpp_adapter_form_are_sent_to_the_merged_export(
 
 
 def test_an_architecture_the_exporter_does_not_know_is_named_with_the_supported_ones(tmp_path, capsys):
-    folder = tmp_path / "gpt2"
-    tiny_gpt2().save_pretrained(folder)
-    model = tiny_gpt2()
-    lorafit.attach(model, lorafit.LoraConfig(target_modules=["c_attn"]))
     from lorafit.models.identity import base_identity
+    from tests.families import tiny_family_model
 
-    lorafit.save_adapter(model, tmp_path / "adapter", base_model=base_identity(tiny_gpt2(), str(folder)))
+    folder = tmp_path / "glm"
+    tiny_family_model("glm").save_pretrained(folder)
+    model = tiny_family_model("glm")
+    lorafit.attach(model, lorafit.LoraConfig(target_modules=["q_proj"]))
+    lorafit.save_adapter(model, tmp_path / "adapter", base_model=base_identity(tiny_family_model("glm"), str(folder)))
     assert export("--adapter", tmp_path / "adapter", "--output", tmp_path / "a.gguf") == 1
     line = error_line(capsys)
-    assert "does not know the architecture 'gpt2'" in line and "llama, mistral" in line
+    assert "does not know the architecture 'glm' (GlmForCausalLM)" in line and "llama, mistral, granite" in line
 
 
 def test_an_adapter_for_another_model_than_the_gguf_is_refused_naming_the_tensor(adapter, tmp_path, capsys):

@@ -4,7 +4,9 @@
 (`llama-cli -m base.gguf --lora adapter.gguf`; Ollama's `ADAPTER`): the base keeps its own quantization.
 `--format gguf` writes the merged model as one standalone file: when the base came from a GGUF (the
 embedded default does) its keys, tokenizer and every unchanged tensor are carried over as they are;
-for a transformers folder of the Llama family they are written from config.json and tokenizer.json.
+for a transformers folder of a family llama.cpp runs (lorafit.formats.gguf_families: Llama, Mistral, Qwen2/3,
+Gemma 1-3, Phi-3, Granite, OLMo 2, Command-R, GLM-4, GPT-2, GPT-NeoX, Falcon) they are written from config.json
+and tokenizer.json.
 Nothing but gguf-py is used: no llama.cpp checkout, no compiler, no subprocess (lorafit.formats.gguf_*).
 """
 

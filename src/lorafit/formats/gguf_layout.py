@@ -1,11 +1,14 @@
-"""Where a transformers Llama-family model's tensors go in a GGUF file, and in which row order.
+"""Where a transformers model's tensors go in a GGUF file, and in which layout llama.cpp reads them.
 
 Names come from gguf-py's own map (`gguf.get_tensor_name_map`), the one llama.cpp's converter uses:
-`model.layers.0.self_attn.q_proj.weight` is `blk.0.attn_q.weight`. llama.cpp stores the query and key
-projections of the `llama` architecture with the rows of each head reordered (its rotary embedding pairs
-dimension i with i + d/2 the other way round from transformers, which undoes the order when it reads a
-GGUF); writing them back means applying that reorder again. A row reorder of ΔW = B·A is a reorder of
-B's rows only, so an adapter's A is written as it is.
+`model.layers.0.self_attn.q_proj.weight` is `blk.0.attn_q.weight`. What the names do not say is per family
+(gguf_families): llama.cpp stores the query and key projections of `llama`-style architectures with the
+rows of each head reordered (its rotary embedding pairs dimension i with i + 1, transformers i with i + d/2,
+and transformers undoes the order when it reads such a GGUF); a fused q/k/v projection that interleaves
+its heads is regrouped as [all q; all k; all v]; Gemma's norms are stored + 1; GPT-2's (in, out) weights
+are transposed. A row reorder of ΔW = B·A is a reorder of B's rows only, and a transposed Conv1D weight
+changes nothing for LoRA (peft keeps A (r, in) and B (out, r) for it too), so an adapter's A is written
+as it is; adapters never touch norms.
 """
 
 from __future__ import annotations
@@ -16,20 +19,23 @@ import gguf
 import numpy as np
 
 from lorafit.errors import LorafitError
-
-# transformers model_type -> the llama.cpp architecture its weights are written as (same names, same layout)
-SUPPORTED = {"llama": "llama", "mistral": "llama"}
+from lorafit.formats.gguf_families import BY_ARCHITECTURE, Family, family_of
 
 
 @dataclass(frozen=True)
 class Layout:
     """The facts about one model that naming and reordering its tensors need (from its config.json)."""
 
-    architecture: str  # llama.cpp's name, e.g. "llama"
+    family: Family
     block_count: int
     head_count: int
     head_count_kv: int
     tie_word_embeddings: bool
+
+    @property
+    def architecture(self) -> str:
+        """llama.cpp's name, e.g. "llama"."""
+        return self.family.architecture
 
     def gguf_name(self, hf_name: str) -> str:
         """The GGUF tensor name of a transformers parameter (`...q_proj.weight` -> `blk.N.attn_q.weight`)."""
@@ -39,18 +45,23 @@ class Layout:
             raise LorafitError(f"{hf_name}: llama.cpp's {self.architecture} architecture has no tensor for it")
         return name
 
-    def heads_reordered(self, gguf_name: str) -> int | None:
-        """The head count whose rows llama.cpp reorders in this tensor (q: all heads, k: key/value heads)."""
-        if gguf_name.endswith("attn_q.weight"):
-            return self.head_count
-        if gguf_name.endswith("attn_k.weight"):
-            return self.head_count_kv
-        return None
-
     def to_gguf_rows(self, gguf_name: str, rows: np.ndarray) -> np.ndarray:
-        """`rows` (out, ...) in transformers' order -> llama.cpp's order for `gguf_name` (a copy if reordered)."""
-        heads = self.heads_reordered(gguf_name)
-        return rows if heads is None else reorder_rotary_rows(rows, heads)
+        """`rows` (out, ...) in transformers' order -> llama.cpp's order for `gguf_name`; for a weight or bias,
+        and for a LoRA B (a copy when reordered)."""
+        kind = gguf_name.rsplit(".", 2)[-2]  # blk.0.attn_q.weight -> attn_q
+        if self.family.rotary_permuted and kind in ("attn_q", "attn_k"):
+            return reorder_rotary_rows(rows, self.head_count if kind == "attn_q" else self.head_count_kv)
+        if self.family.fused_qkv_grouped and kind == "attn_qkv":
+            return regroup_qkv_rows(rows, self.head_count, self.head_count_kv)
+        return rows
+
+    def to_gguf(self, gguf_name: str, values: np.ndarray) -> np.ndarray:
+        """A whole transformers weight or bias (float32) -> the array llama.cpp reads as `gguf_name`."""
+        if self.family.conv1d and values.ndim == 2 and gguf_name.startswith("blk."):
+            values = values.T  # Conv1D holds (in, out)
+        if self.family.norm_plus_one and gguf_name.endswith("_norm.weight"):
+            values = values + 1.0  # Gemma's RMSNorm multiplies by 1 + w, llama.cpp's by w
+        return np.ascontiguousarray(self.to_gguf_rows(gguf_name, values))
 
 
 def reorder_rotary_rows(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -68,16 +79,23 @@ def reorder_rotary_rows(rows: np.ndarray, heads: int) -> np.ndarray:
                                 .swapaxes(1, 2).reshape(rows.shape))
 
 
+def regroup_qkv_rows(rows: np.ndarray, heads: int, kv_heads: int) -> np.ndarray:
+    """A fused q/k/v projection's rows from transformers' grouping -- per key/value head, its share of query
+    heads, then its key head, then its value head (GPT-NeoX: one query head per group; Falcon) -- to
+    llama.cpp's [all query heads; all key heads; all value heads]."""
+    per_group = heads // kv_heads + 2
+    if rows.shape[0] % (kv_heads * per_group):
+        raise LorafitError(f"{rows.shape[0]} fused q/k/v rows cannot be split into {kv_heads} groups of {per_group}")
+    grouped = rows.reshape(kv_heads, per_group, rows.shape[0] // (kv_heads * per_group), *rows.shape[1:])
+    parts = (grouped[:, :-2], grouped[:, -2:-1], grouped[:, -1:])
+    return np.ascontiguousarray(np.concatenate([part.reshape(-1, *rows.shape[1:]) for part in parts]))
+
+
 def layout_of(config) -> Layout:
     """The Layout of a transformers config, or one line naming the architecture and the supported ones."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
-        classes = ", ".join(getattr(config, "architectures", None) or []) or "no class named"
-        raise LorafitError(f"GGUF export does not know the architecture {model_type!r} ({classes}); it writes "
-                           f"{', '.join(sorted(SUPPORTED))} models (llama.cpp's 'llama')")
-    heads = config.num_attention_heads
-    return Layout(architecture=SUPPORTED[model_type], block_count=config.num_hidden_layers, head_count=heads,
-                  head_count_kv=getattr(config, "num_key_value_heads", None) or heads,
+    family = family_of(config)
+    return Layout(family=family, block_count=config.num_hidden_layers, head_count=config.num_attention_heads,
+                  head_count_kv=family.kv_heads(config),
                   tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
@@ -88,11 +106,11 @@ def layout_of_gguf(reader: gguf.GGUFReader, path) -> Layout:
         return field.contents() if field is not None else None
 
     architecture = value("general.architecture")
-    if architecture not in set(SUPPORTED.values()):
+    if architecture not in BY_ARCHITECTURE:
         raise LorafitError(f"{path}: GGUF export does not know the architecture {architecture!r}; it writes "
-                           f"{', '.join(sorted(set(SUPPORTED.values())))} models")
+                           f"{', '.join(BY_ARCHITECTURE)} models")
     heads = value(f"{architecture}.attention.head_count")
     names = {tensor.name for tensor in reader.tensors}
-    return Layout(architecture=architecture, block_count=value(f"{architecture}.block_count"), head_count=heads,
+    return Layout(family=BY_ARCHITECTURE[architecture], block_count=value(f"{architecture}.block_count"), head_count=heads,
                   head_count_kv=value(f"{architecture}.attention.head_count_kv") or heads,
                   tie_word_embeddings="output.weight" not in names)

@@ -3,9 +3,9 @@
 Two sources. When the base came from a GGUF (the embedded default does), that file is the template: its
 keys -- architecture, hyperparameters, tokenizer, chat template -- are carried over as they are, every
 tensor the adapter did not change is copied byte for byte (keeping its quantization: nothing is
-re-quantized), and only the merged tensors are written, in --outtype. For a transformers folder of the
-Llama family the keys llama.cpp needs are written from config.json and the tokenizer (tokenizer_keys),
-and every tensor in --outtype.
+re-quantized), and only the merged tensors are written, in --outtype. For a transformers folder of a
+family llama.cpp runs (gguf_families) the keys llama.cpp needs are written from config.json and the
+tokenizer from tokenizer.json (gguf_tokenizer), and every tensor in --outtype.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lorafit.errors import LorafitError
+from lorafit.formats.gguf_families import add_hyperparameters, check_computable
 from lorafit.formats.gguf_file import FILE_TYPES, MARKER_KEY, encode, marker, write_gguf
 from lorafit.formats.gguf_layout import Layout, layout_of
 from lorafit.formats.gguf_tokenizer import add_tokenizer
@@ -34,7 +35,7 @@ def gguf_tensors(state: dict[str, torch.Tensor], layout: Layout, names: set[str]
         if hf_name == "lm_head.weight" and layout.tie_word_embeddings:
             continue  # llama.cpp reads the output projection from token_embd.weight
         name = layout.gguf_name(hf_name)
-        out[name] = layout.to_gguf_rows(name, tensor.detach().float().cpu().numpy())
+        out[name] = layout.to_gguf(name, tensor.detach().float().cpu().numpy())
     return out
 
 
@@ -77,9 +78,10 @@ def _type_of(data: np.ndarray) -> gguf.GGMLQuantizationType:
 
 def from_transformers(writer: gguf.GGUFWriter, model, tokenizer, folder: Path, layout: Layout, outtype: str,
                       marker: str) -> dict[str, str]:
-    """Fill `writer` with a Llama-family transformers model: llama.cpp's keys, the tokenizer, every tensor."""
+    """Fill `writer` with a transformers model: llama.cpp's keys for its family, the tokenizer, every tensor."""
     config = model.config
-    add_llama_keys(writer, config, folder, outtype)
+    add_hyperparameters(writer, config, layout.family, folder.name)
+    writer.add_file_type(FILE_TYPES[outtype])
     add_tokenizer(writer, folder, tokenizer, config.vocab_size)
     writer.add_string(MARKER_KEY, marker)
     written = {}
@@ -88,37 +90,6 @@ def from_transformers(writer: gguf.GGUFWriter, model, tokenizer, folder: Path, l
         writer.add_tensor(name, data, **options)
         written[name] = (options.get("raw_dtype") or _type_of(data)).name
     return written
-
-
-def add_llama_keys(writer: gguf.GGUFWriter, config, folder: Path, outtype: str) -> None:
-    """The hyperparameters llama.cpp's `llama` architecture reads, from a transformers config."""
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in ("default", "linear"):
-        raise LorafitError(f"{folder / 'config.json'}: rope type {rope_type!r}; GGUF export writes the default and "
-                           "linear rotary embeddings only: export the adapter (--format gguf-lora) instead")
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-
-    writer.add_name(folder.name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_freq_base(float(theta))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    if rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(FILE_TYPES[outtype])
 
 
 def export_merged(model, tokenizer, adapter_paths: list[str], output: Path, *, source: gguf.GGUFReader | None,
@@ -141,9 +112,13 @@ def export_merged(model, tokenizer, adapter_paths: list[str], output: Path, *, s
             echo("the base is quantized: the merged tensors are not re-quantized to its type, which would round "
                  "small updates away; `--format gguf-lora` keeps the base file as it is and is smaller")
     else:
+        check_computable(model.config, layout.family, model_folder / "config.json")
         write_gguf(output, layout.architecture, lambda writer: written.update(
             from_transformers(writer, model, tokenizer, model_folder, layout, outtype, facts)))
         echo(f"wrote {output}: {len(written)} tensors in {outtype} (1-D ones f32), keys and tokenizer from "
              f"{model_folder}; {output.stat().st_size / 2**20:.1f} MiB")
+        note = layout.family.note and layout.family.note(model.config)
+        if note:
+            echo(f"note: {note}")
     echo(f"run it: llama-cli -m {output}")
     return output

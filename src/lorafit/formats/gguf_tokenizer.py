@@ -6,7 +6,7 @@ the file, and picks the pre-tokenizer (the regex that splits text before BPE) by
 converter recognises a tokenizer by hashing how it tokenizes a test text; lorafit reads the pre-tokenizer
 that tokenizer.json declares and names the llama.cpp pre-tokenizer that splits text the same way, and
 refuses one it does not know rather than writing a guess. Byte-level BPE tokenizers (GPT-2 style:
-SmolLM, Llama 3, ...) are written; a SentencePiece-style one (Llama 2, Mistral) is refused.
+SmolLM, Llama 3, Qwen2, ...) are written; a SentencePiece-style one (Llama 2, Mistral) is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ _BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True, "add_prefix_space": False
 # Llama 3's split regex, as its tokenizer.json spells it.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's (and Qwen3's): Llama 3's with every digit alone.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's pre-tokenizer for a Split(regex, Isolated) followed by ByteLevel without its own regex
+_SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
 
 def _matches(step: dict, wanted: dict) -> bool:
@@ -40,10 +45,9 @@ def llama_cpp_pre_tokenizer(pre_tokenizer: dict | None) -> str | None:
     if len(steps) == 2 and _matches(steps[0], {"type": "Digits", "individual_digits": True}) \
             and _matches(steps[1], _BYTE_LEVEL):
         return "smollm"  # every digit alone, then GPT-2's regex
-    if len(steps) == 2 and _matches(steps[0], {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT},
-                                               "behavior": "Isolated", "invert": False}) \
+    if len(steps) == 2 and _matches(steps[0], {"type": "Split", "behavior": "Isolated", "invert": False}) \
             and _matches(steps[1], {"type": "ByteLevel", "use_regex": False}):
-        return "llama-bpe"
+        return _SPLITS.get((steps[0].get("pattern") or {}).get("Regex"))
     return None
 
 
@@ -61,7 +65,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, tokenizer, vocab_size: 
     pre = llama_cpp_pre_tokenizer(spec.get("pre_tokenizer"))
     if pre is None:
         raise LorafitError(f"{path}: lorafit does not know llama.cpp's name for the pre-tokenizer "
-                           f"{json.dumps(spec.get('pre_tokenizer'))[:120]} (it knows GPT-2's, SmolLM's and Llama 3's); "
+                           f"{json.dumps(spec.get('pre_tokenizer'))[:120]} (it knows GPT-2's, SmolLM's, Llama 3's and Qwen2's); "
                            "export the adapter (--format gguf-lora) and apply it to a GGUF made by llama.cpp's converter")
 
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
