@@ -6,7 +6,8 @@ the file, and picks the pre-tokenizer (the regex that splits text before BPE) by
 converter recognises a tokenizer by hashing how it tokenizes a test text; lorafit reads the pre-tokenizer
 that tokenizer.json declares and names the llama.cpp pre-tokenizer that splits text the same way, and
 refuses one it does not know rather than writing a guess. Byte-level BPE tokenizers (GPT-2 style:
-SmolLM, Llama 3, Qwen2, ...) are written; a SentencePiece-style one (Llama 2, Mistral) is refused.
+SmolLM, Llama 3, Qwen2, ...) are written here; SentencePiece-style ones (Llama 2, Mistral, Gemma, Phi-3) by
+gguf_sentencepiece.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import gguf
 
 from lorafit.errors import LorafitError
+from lorafit.formats.gguf_sentencepiece import add_sentencepiece_vocab, is_sentencepiece_style
 
 # The GPT-2 regex's letters, numbers, other and whitespace pieces, as ByteLevel(use_regex=True) applies it.
 _BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True, "add_prefix_space": False}
@@ -52,16 +54,31 @@ def llama_cpp_pre_tokenizer(pre_tokenizer: dict | None) -> str | None:
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, tokenizer, vocab_size: int) -> None:
-    """tokenizer.ggml.* and the chat template for the model folder's byte-level BPE tokenizer."""
+    """tokenizer.ggml.* and the chat template for the model folder's tokenizer (byte-level or SentencePiece-style)."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise LorafitError(f"{folder} has no tokenizer.json; GGUF export writes the tokenizer from it")
     spec = json.loads(path.read_text(encoding="utf-8"))
+    if is_sentencepiece_style(spec):
+        add_sentencepiece_vocab(writer, spec, tokenizer, vocab_size, path)
+    else:
+        _add_byte_level_vocab(writer, spec, tokenizer, vocab_size, path)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    writer.add_add_bos_token(_adds_bos(tokenizer))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _add_byte_level_vocab(writer: gguf.GGUFWriter, spec: dict, tokenizer, vocab_size: int, path: Path) -> None:
+    """tokenizer.ggml.model "gpt2": the vocabulary, token types, merges and llama.cpp's pre-tokenizer name."""
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise LorafitError(f"{path}: a {model.get('type')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''}"
-                           " (SentencePiece style); GGUF export writes byte-level BPE tokenizers only: export the "
-                           "adapter (--format gguf-lora) and apply it to a GGUF made by llama.cpp's converter")
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise LorafitError(f"{path}: a {model.get('type')} tokenizer (decoder {(spec.get('decoder') or {}).get('type')}); "
+                           "GGUF export writes byte-level BPE and SentencePiece-style BPE (byte fallback) tokenizers: "
+                           "export the adapter (--format gguf-lora) and apply it to a GGUF made by llama.cpp's converter")
     pre = llama_cpp_pre_tokenizer(spec.get("pre_tokenizer"))
     if pre is None:
         raise LorafitError(f"{path}: lorafit does not know llama.cpp's name for the pre-tokenizer "
@@ -88,14 +105,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, tokenizer, vocab_size: 
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id")
-        if token_id is not None:
-            getattr(writer, f"add_{kind}_token_id")(token_id)
-    writer.add_add_bos_token(_adds_bos(tokenizer))
     writer.add_add_space_prefix(False)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
 
 
 def _adds_bos(tokenizer) -> bool:
