@@ -8,6 +8,7 @@ task's exact match and greedy replies, and logits relative to llama.cpp's own er
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -138,3 +139,20 @@ def test_the_trained_default_adapter_answers_in_llama_cpp_as_in_lorafit(trained_
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         ours = [t for t in ours[0, len(ids):].tolist() if t != tokenizer.eos_token_id]
         assert oracle.greedy(merged, ids, 16) == ours
+
+
+def test_a_bitfit_adapter_with_added_biases_merges_into_its_gguf_base_and_runs_in_llama_cpp(tiny_base_gguf, tmp_path):
+    """BitFit --add-missing-bias on a GGUF base: the merged file carries the base over and adds the new bias tensors
+    (llama.cpp's llama reads attention and MLP biases where a file has them); its logits are lorafit's."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+    adapter = make_adapter(tiny_base_gguf, tmp_path / "adapter", method="bitfit", target_modules=targets,
+                           add_missing_bias=True)
+    assert export("--adapter", adapter, "--format", "gguf", "--outtype", "f32", "--output", tmp_path / "m.gguf") == 0
+    names = {tensor.name for tensor in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert {"blk.0.attn_q.bias", "blk.1.attn_k.bias", "blk.1.ffn_down.bias"} <= names
+    model, tokenizer = lorafit_model(tiny_base_gguf, adapter)
+    ids = tokenizer(TEXTS[0]).input_ids
+    expected = lorafit_logits(model, ids)
+    scale = np.abs(expected).max()
+    assert np.abs(oracle.logits(oracle.load(tiny_base_gguf), ids) - expected).max() > 0.01 * scale  # biases matter
+    assert np.abs(oracle.logits(oracle.load(tmp_path / "m.gguf"), ids) - expected).max() <= 1e-4 * scale

@@ -51,10 +51,11 @@ def carry_over(writer: gguf.GGUFWriter, source: gguf.GGUFReader, source_path: Pa
     writer.add_string(MARKER_KEY, marker)
 
     present = {tensor.name: tensor for tensor in source.tensors}
-    missing = sorted(set(merged) - set(present))
+    added = added_biases(set(merged) - set(present), present)
+    missing = sorted(set(merged) - set(present) - set(added))
     if missing:
-        raise LorafitError(f"{source_path} has no tensor {missing[0]}, which the merge changed (a bias BitFit added?); "
-                           "it cannot be carried over into this file: keep the adapter unmerged")
+        raise LorafitError(f"{source_path} has no tensor {missing[0]}, which the merge changed, and lorafit adds only "
+                           "the biases of weights it has: export a merged transformers folder instead (lorafit merge)")
     written = {}
     for tensor in source.tensors:
         if tensor.name in merged:
@@ -69,7 +70,19 @@ def carry_over(writer: gguf.GGUFWriter, source: gguf.GGUFReader, source_path: Pa
         else:
             writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
             written[tensor.name] = tensor.tensor_type.name
+    for name in added:  # after the source's own, in the source's order of their weights
+        data, options = encode(name, merged[name], outtype)
+        writer.add_tensor(name, data, **options)
+        written[name] = (options.get("raw_dtype") or _type_of(data)).name
     return written
+
+
+def added_biases(names: set[str], present: dict) -> list[str]:
+    """The `names` that are biases of weights the source has (BitFit's --add-missing-bias adds them: llama.cpp reads
+    such a bias where its architecture has one, and refuses a file holding a tensor it does not read)."""
+    order = list(present)
+    found = [name for name in names if name.endswith(".bias") and name.removesuffix(".bias") + ".weight" in present]
+    return sorted(found, key=lambda name: order.index(name.removesuffix(".bias") + ".weight"))
 
 
 def _type_of(data: np.ndarray) -> gguf.GGMLQuantizationType:

@@ -30,7 +30,10 @@ class LogitTransform:
 
     @classmethod
     def of(cls, config) -> LogitTransform:
-        """The transform a transformers config asks for (the attributes the families' forwards read)."""
+        """The transform a transformers config asks for (the attributes the families' forwards read; a multimodal
+        model's text config holds them)."""
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
         scale = 1.0
         logit_scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
         if isinstance(logit_scale, (int, float)):
