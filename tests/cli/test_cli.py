@@ -86,7 +86,8 @@ def test_eval_prints_json_metrics(trained_run, tiny_chat_model, date_data, capsy
     assert main(["eval", "--model", str(tiny_chat_model), "--adapter", str(trained_run / "adapter"),
                  "--data", str(date_data), "--json", "--eval-examples", "3", "--max-new-tokens", "10"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(metrics) == {"loss", "perplexity", "exact_match", "examples", "left_out"}
+    assert set(metrics) == {"loss", "perplexity", "exact_match", "examples", "left_out", "data", "exact_match_examples"}
+    assert metrics["data"] == f"{date_data} (jsonl, 1 file)" and 0 <= metrics["exact_match_examples"] <= 3
     assert metrics["examples"] == 3 and metrics["left_out"] == 0  # --eval-examples caps the loss too
     assert 0 < metrics["loss"] < 10 and abs(metrics["perplexity"] - 2.718281828 ** metrics["loss"]) < 1e-3
     assert 0 <= metrics["exact_match"] <= 1

@@ -23,11 +23,12 @@ class EvalConfig(ModelLoadOptions):
     adapter: OptionalAdapterFolder = None
     data: Optional[str] = None
     """Data in any form `lorafit train --data` takes (a file, folder, glob or datasets folder, whose validation or
-    test split is scored) (default: the built-in task's held-out split for --seed)."""
+    test split is scored) (default: the held-out data of the run --adapter comes from; the built-in task's held-out
+    split when that run trained on it, or when there is no run to ask, which the output then says)."""
     columns: Optional[list[str]] = None
     """The data's own names for lorafit's record fields, as KEY=COLUMN items (see `lorafit train --help`)."""
     seed: int = 0
-    """Seed of the built-in task's split (the one training used)."""
+    """Seed of the built-in task's split (default: the run's own, when --adapter comes from a run)."""
     max_length: int = 512
     """Longest example in tokens; longer ones are left out of loss and exact match, and counted."""
     eval_examples: int = 100
@@ -39,50 +40,32 @@ class EvalConfig(ModelLoadOptions):
 
 
 def run(config: EvalConfig, echo=print, given=None) -> dict:
-    import numpy as np
-
     from lorafit.data.columns import ColumnMap
-    from lorafit.data.prepared import prepare_conversations, prepare_source
-    from lorafit.data.sources import held_out_split, open_source
-    from lorafit.data.tasks import BUILTIN, date_task_splits
     from lorafit.inference.evaluate import evaluate_loss, exact_match_accuracy, held_out_from, matchable
     from lorafit.inference.loading import load_model_with_adapter
+    from lorafit.recipes.eval_data import choose_eval_data
 
     if config.max_length < 2 or config.eval_examples < 1 or config.max_new_tokens < 0:
         raise LorafitError("--max-length must be >= 2, --eval-examples >= 1 and --max-new-tokens >= 0")
     print_settings(config, to_stderr=config.json)
     # With --json, stdout is the one JSON object; everything else goes to stderr.
     note = echo if not config.json else (lambda line: print(line, file=sys.stderr))
-    columns = ColumnMap.parse(config.columns)
-    if config.data is None:
-        if columns:
-            raise LorafitError("--columns names the columns of --data; the built-in task has its own")
-        _, conversations = date_task_splits(BUILTIN.train_examples, BUILTIN.held_out_examples, config.seed)
-    else:
-        source = open_source(config.data, "--data")
-        source = held_out_split(source) or source  # a DatasetDict: its validation (or test) split
-        for table, schema in source.schemas():
-            columns.check_schema(table, schema)
-        note(f"data: {source.describe()}")
+    chosen = choose_eval_data(config.data, ColumnMap.parse(config.columns), config.adapter, config.seed,
+                              "seed" in (given or ()), note)
     model, tokenizer, _ = load_model_with_adapter(config.model, config.adapter, dtype=config.dtype,
                                                   quantize=config.quantize, double_quant=config.double_quant,
                                                   allow_pickle=config.allow_pickle,
                                                   trust_remote_code=config.trust_remote_code, echo=note)
-    if config.data is None:
-        prepared = prepare_conversations(tokenizer, conversations, config.max_length, False, "the built-in task")
-    else:
-        prepared = prepare_source(tokenizer, source, columns, source.fingerprint(), config.max_length, False, note)
-        for ignored in prepared.notes:
-            note(f"warning: {ignored}")
-    held = held_out_from(prepared, np.arange(len(prepared)), config.eval_examples,
-                         config.data or "the built-in task")
+    prepared, records = chosen.prepare(tokenizer, config.max_length, note)
+    held = held_out_from(prepared, records, config.eval_examples, chosen.described)
     if held.left_out:
         note(f"warning: {held.describe_left_out(config.max_length)}")
     to_match = matchable(tokenizer, held.conversations, config.max_new_tokens)
     note(f"scoring: {held.describe_scored(len(to_match), config.max_new_tokens)}")
     metrics = {**evaluate_loss(model, held.examples, tokenizer.pad_token_id),
                **exact_match_accuracy(model, tokenizer, to_match, config.max_new_tokens),
-               "examples": len(held.examples), "left_out": held.left_out}
+               "examples": len(held.examples), "left_out": held.left_out, "data": chosen.described,
+               "exact_match_examples": len(to_match)}
     if config.json:
         echo(json.dumps(metrics))
     else:
