@@ -40,6 +40,28 @@ PLAIN_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
 )
 
+
+
+def chat_template_record(tokenizer) -> dict:
+    """Which chat template renders conversations for this tokenizer, as a run records it: the model's own, or
+    PLAIN_TEMPLATE when its tokenizer has none; with the template text's SHA-256 to tell a later change."""
+    import hashlib
+
+    own = bool(getattr(tokenizer, "chat_template", None))
+    text = tokenizer.chat_template if own else PLAIN_TEMPLATE
+    if not isinstance(text, str):  # several named templates: their texts in name order
+        text = "\n".join(f"{k}\n{v}" for k, v in sorted(dict(text).items()))
+    return {"source": "model" if own else "lorafit-plain", "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def describe_chat_template(record: dict) -> str:
+    """The `chat template:` line every command that renders conversations prints."""
+    if record["source"] == "model":
+        return f"the model's own (sha256 {record['sha256'][:12]})"
+    return ("none in the model's tokenizer, so lorafit's plain format ('### Instruction:' / '### Response:', ending "
+            "in EOS), for training, eval and generate alike; give the tokenizer a chat_template to use another")
+
+
 # What happened to a record within max_length (EncodedRecord.outcome). Records are always cut to max_length
 # here; whether a cut record trains (--overflow truncate) or is skipped is the caller's choice, so one
 # encoding serves both, and held-out evaluation (which uses only records that fit whole).

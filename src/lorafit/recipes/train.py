@@ -119,6 +119,7 @@ class TrainingJob:
 
     def load_model(self) -> None:
         """The base model and tokenizer as the settings say; on resume, checked to be the run's own base."""
+        from lorafit.data.encoding import chat_template_record, describe_chat_template
         from lorafit.models.identity import base_identity
         from lorafit.models.loading import load_model_and_tokenizer
         from lorafit.models.options import quantize_settings
@@ -133,6 +134,8 @@ class TrainingJob:
             quantize=quantize_settings(config.quantize, config.double_quant))
         model = self.model
         self.echo(f"model: {model.name_or_path} ({type(model).__name__}, {model.dtype}, {model.device})")
+        self.chat_template = chat_template_record(self.tokenizer)
+        self.echo(f"chat template: {describe_chat_template(self.chat_template)}")
         self.quantized = report_quantization(model, self.echo)
         self.identity = base_identity(model, config.model)
         if self.resume is not None:
@@ -222,7 +225,8 @@ class TrainingJob:
         if not self.main:
             return
         if self.resume is None:
-            _write_new_run(self.run_dir, config, self.resolved, self.identity, self.before, self.data)
+            _write_new_run(self.run_dir, config, self.resolved, self.identity, self.before, self.data,
+                           self.chat_template)
             return
         if self.resolved != {**read_run_settings(self.run_dir, keep_report=True), "resume": None}:
             write_text(self.run_dir / run_folder.CONFIG, _yaml(self.resolved))  # a longer run, other save/eval settings
@@ -315,7 +319,8 @@ def steps_for_epochs(examples: int, batch_size: int, grad_accum: int, epochs: fl
     return max(1, round(per_epoch * epochs))
 
 
-def _write_new_run(run_dir: Path, config: TrainConfig, resolved: dict, identity: dict, before: dict, data) -> None:
+def _write_new_run(run_dir: Path, config: TrainConfig, resolved: dict, identity: dict, before: dict, data,
+                   chat_template: dict) -> None:
     """The first files of a new run: the marker first (so the folder is known as lorafit's), then the
     settings and the metrics before training. An earlier run there (--overwrite) is cleared just before."""
     if config.overwrite and run_dir.exists():
@@ -326,6 +331,7 @@ def _write_new_run(run_dir: Path, config: TrainConfig, resolved: dict, identity:
         "base_model": identity,
         "data": data.record("data") if config.data else {"builtin": "date task", "seed": config.seed},
         "eval_data": data.record("eval_data"),
+        "chat_template": chat_template,  # eval and generate say when they would render with another
     })
     write_text(run_dir / run_folder.CONFIG, _yaml(resolved))
     write_json(run_dir / run_folder.METRICS, {"before": before, "after": None}, sort_keys=False)
