@@ -276,3 +276,12 @@ def test_a_models_config_given_as_settings_points_to_the_flag_for_it(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"lorafit {command}: error: --config {config} is a model's config (it has model_type)")
     assert hint in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "export", "inspect", "estimate", "cache"])
+def test_every_commands_help_page_names_config_and_debug(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    page = " ".join(capsys.readouterr().out.split())  # tyro wraps lines
+    assert "--config FILE.yaml sets these flags from a file" in page and "--debug shows the traceback" in page

@@ -122,3 +122,13 @@ def test_held_out_given_on_a_dataset_dict_splits_train_and_resume_keeps_that_spl
     assert main(["train", "--resume", str(tmp_path / "run"), "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "held-out data:" not in out and "held-out: 4 of 24 examples (--held-out 4)" in out
+
+
+def test_records_whose_every_reply_is_empty_are_counted_in_one_warning(tiny_chat_model, tmp_path, capsys):
+    rows = [{"instruction": f"say hi {i}", "output": "" if i % 3 == 0 else "hi"} for i in range(12)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["train", "--model", str(tiny_chat_model), "--data", str(data), "--steps", "1", "--batch-size", "2",
+                 "--eval-examples", "0", "--output", str(tmp_path / "run")]) == 0
+    assert (f"warning: {data}: 4 of 12 records have only empty replies (first at {data}:1); they train on the "
+            "end-of-turn token alone: fill in or drop their output") in capsys.readouterr().out

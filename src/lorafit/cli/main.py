@@ -50,6 +50,11 @@ ABOUT = ("Parameter-efficient fine-tuning (LoRA and family) in peft's file forma
          "(resume with --resume RUN).")
 
 
+# Said on every command's --help page: the two flags tyro does not list, since main takes them before tyro parses.
+SUBCOMMAND_GLOBALS = ("--config FILE.yaml sets these flags from a file (keys = flag names, flags given win); --debug "
+                      "shows the traceback of an error")
+
+
 class UsageError(LorafitError):
     """The command line itself does not parse (exit code 2)."""
 
@@ -68,7 +73,8 @@ def _subcommands(chosen: str | None = None, default=None):
     for name, (_, _, about) in COMMANDS.items():
         config_class = _command(name)[0]
         start = {"default": default} if name == chosen and default is not None else {}
-        options.append(typing.Annotated[config_class, tyro.conf.subcommand(name, description=about, **start)])
+        description = f"{about}. {SUBCOMMAND_GLOBALS}" if name == chosen else about  # the command's own page
+        options.append(typing.Annotated[config_class, tyro.conf.subcommand(name, description=description, **start)])
     return typing.Union[tuple(options)]
 
 

@@ -24,7 +24,7 @@ from lorafit.files import cache_dir
 
 # Bump when the arrays' layout, the encoding (data/encoding.py) or the records' reading (data/records.py)
 # changes what a cached entry holds: entries of another version are never used.
-PREPARED_FORMAT = 1
+PREPARED_FORMAT = 2  # 2: the notes count records whose every reply is empty
 MANIFEST = "prepared.json"
 # array name -> numpy dtype of its elements
 ARRAYS = {"tokens": np.int32, "trained": np.bool_, "starts": np.int64, "outcomes": np.uint8,

@@ -54,11 +54,12 @@ class ConversationStream:
         self.columns = ColumnMap.parse(columns)
         self.count = 0
         self._unused_at: dict[str, list] = {}  # field -> [how many records hold it, where the first one is]
+        self._empty_replies: list = [0, None]  # [records whose every reply is empty, where the first one is]
         self._finished = False
 
     def batches(self, size: int = 1024) -> Iterator[list[tuple[str, list[dict]]]]:
         """Lists of at most `size` (place, conversation); a table's columns are checked before its first row."""
-        self.count, self._unused_at, self._finished = 0, {}, False
+        self.count, self._unused_at, self._empty_replies, self._finished = 0, {}, [0, None], False
         for name, schema in self.source.schemas():
             self.columns.check_schema(name, schema, text_cells=self.source.text_cells)
         for batch in self.source.record_batches(size):
@@ -72,17 +73,27 @@ class ConversationStream:
         self.count += 1
         for name in unused:
             self._unused_at.setdefault(name, [0, where])[0] += 1
+        replies = [turn["content"] for turn in turns if turn["role"] == "assistant"]
+        if replies and not any(isinstance(reply, str) and reply.strip() for reply in replies):
+            self._empty_replies[0] += 1
+            self._empty_replies[1] = self._empty_replies[1] or where
         return turns
 
     @property
     def ignored(self) -> list[str]:
-        """One note per field no record's shape read, with how many records hold it and where the first is."""
+        """One note per field no record's shape read, with how many records hold it and where the first is; and one
+        for records whose every reply is empty (they would teach the model to answer nothing)."""
         if not self._finished:
             raise RuntimeError("ConversationStream.ignored is known once batches() has been read to its end")
-        return [
+        notes = [
             f"{self.source.spec}: field {name!r} is not used ({count} of {self.count} records; first at {first})"
             for name, (count, first) in self._unused_at.items()
         ]
+        empty, first = self._empty_replies
+        if empty:
+            notes.append(f"{self.source.spec}: {empty} of {self.count} records have only empty replies (first at "
+                         f"{first}); they train on the end-of-turn token alone: fill in or drop their output")
+        return notes
 
 
 def read_examples(path: str | Path | DataSource, columns: Columns = None) -> LoadedExamples:
