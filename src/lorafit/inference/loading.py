@@ -45,16 +45,12 @@ def say_chat_template(tokenizer, adapter_dir, echo) -> None:
     """The `chat template:` line, and a warning when the run the adapter comes from rendered with another one (its
     lorafit-run.json records which): the same conversation would then be other tokens than it trained on."""
     from lorafit.data.encoding import chat_template_record, describe_chat_template
-    from lorafit.train.run_folder import MARKER, is_run_folder, read_marker
+    from lorafit.train.run_folder import read_marker, run_holding
 
     now = chat_template_record(tokenizer)
     echo(f"chat template: {describe_chat_template(now)}")
-    if adapter_dir is None:
-        return
-    for run in (adapter_dir.parent, adapter_dir.parent.parent):
-        if (run / MARKER).is_file() and is_run_folder(run):
-            then = (read_marker(run) or {}).get("chat_template")
-            if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
-                echo(f"warning: the run {run} trained with {describe_chat_template(then)}; this tokenizer renders "
-                     "conversations with another template now, so answers may differ from what training measured")
-            return
+    run = run_holding(adapter_dir) if adapter_dir is not None else None
+    then = (read_marker(run) or {}).get("chat_template") if run is not None else None
+    if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
+        echo(f"warning: the run {run} trained with {describe_chat_template(then)}; this tokenizer renders "
+             "conversations with another template now, so answers may differ from what training measured")

@@ -20,17 +20,6 @@ from lorafit.recipes.train_settings import DEFAULT_HELD_OUT_CAP
 from lorafit.train import run_folder
 
 
-def run_of(adapter: str | None) -> Path | None:
-    """The run folder an --adapter path belongs to (the run itself, its adapter/, or one of its checkpoints)."""
-    if adapter is None:
-        return None
-    path = Path(adapter)
-    for candidate in (path, path.parent, path.parent.parent):
-        if candidate.is_dir() and (candidate / run_folder.CONFIG).is_file() and run_folder.is_run_folder(candidate):
-            return candidate
-    return None
-
-
 @dataclass
 class RunHeldOut:
     """A run's held-out data, opened and checked (before the model loads); `records` chosen once prepared."""
@@ -140,7 +129,7 @@ def choose_eval_data(data: str | None, columns, adapter: str | None, seed: int, 
     if columns:
         raise LorafitError("--columns names the columns of --data; without --data eval scores the run's own data "
                            "or the built-in task")
-    run = run_of(adapter)
+    run = run_folder.run_holding(Path(adapter)) if adapter is not None else None
     held = open_run_held_out(run) if run is not None else None
     if held is not None:
         note(f"data: {held.describe()} (no --data given; --data scores other data)")

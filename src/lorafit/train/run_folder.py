@@ -89,6 +89,15 @@ def read_marker(run: Path) -> dict | None:
     return record
 
 
+def run_holding(path: Path) -> Path | None:
+    """The run folder an adapter path belongs to: the run itself, its adapter/, or one of its checkpoints."""
+    path = Path(path)
+    for candidate in (path, path.parent, path.parent.parent):
+        if candidate.is_dir() and (candidate / CONFIG).is_file() and is_run_folder(candidate):
+            return candidate
+    return None
+
+
 def is_run_folder(run: Path) -> bool:
     """A folder lorafit made for a run: its marker, or (runs before the marker existed) config.yaml next
     to a checkpoints/ or adapter/ folder of lorafit's."""
